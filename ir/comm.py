@@ -1,0 +1,49 @@
+"""Collectives as values: what the SPMD program must communicate, predicted or found in HLO."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Iterable
+
+
+class CollectiveKind(enum.Enum):
+    ALL_REDUCE = "all-reduce"
+    REDUCE_SCATTER = "reduce-scatter"
+    ALL_GATHER = "all-gather"
+    ALL_TO_ALL = "all-to-all"
+    COLLECTIVE_PERMUTE = "collective-permute"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Collective:
+    """One collective of the per-device program.
+
+    Attributes:
+      kind: the collective.
+      axes: the mesh axes its groups span, in mesh order.
+      bytes: per-device buffer size in bytes, the larger of input and output: the full
+        (gathered) buffer for all-gather and reduce-scatter, the buffer for all-reduce,
+        all-to-all and collective-permute. Ring costs are written over this size.
+      value: the tensor it moves ('' when unknown, e.g. parsed from HLO).
+      count: how many times it runs per step (scan trip counts multiply).
+    """
+
+    kind: CollectiveKind
+    axes: tuple[str, ...]
+    bytes: int
+    value: str = ""
+    count: int = 1
+
+    @property
+    def total_bytes(self) -> int:
+        return self.bytes * self.count
+
+
+def bytes_by_kind_axes(collectives: Iterable[Collective]) -> dict[tuple[CollectiveKind, tuple[str, ...]], int]:
+    """Sums per-step bytes per (kind, axes)."""
+    out: dict[tuple[CollectiveKind, tuple[str, ...]], int] = {}
+    for c in collectives:
+        key = (c.kind, c.axes)
+        out[key] = out.get(key, 0) + c.total_bytes
+    return out

@@ -1,0 +1,363 @@
+"""Sharding propagation over factor rules: the sharding of every value and the collectives it costs.
+
+Given the shardings of a graph's inputs (and constraints on named values), each op in program
+order picks an assignment of mesh axes to its rule's factors from the shardings its operands
+propose, reshards operands that disagree, and gives its results the assignment. The procedure is
+written once over `OpRule`s; the only structural cases are loops (`scan`) and branches (`cond`).
+
+Conflicts (two factors of one op proposing the same mesh axis) go to the proposal of highest
+priority: a constraint on a result first, then operands derived from the batch (activations stay
+put and weights move, which is what FSDP and ZeRO do), then larger operands, then operand order.
+
+A reduction factor sharded over axes leaves its result a pending partial sum over those axes. The
+sum is resolved where the value is first read: by a reduce-scatter when that reader wants the
+value sharded along a partial axis (the data-parallel gradient feeding a sharded optimizer
+update), else by an all-reduce. The resolved sharding is the value's sharding from then on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+
+from ir.comm import Collective, CollectiveKind
+from ir.graph import Graph, Op, Role, Value
+from ir.rules import FactorKind, OpRule
+from ir.sharding import MeshShape, Sharding
+
+Constraint = Callable[[Value], Sharding | None]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class OpSharding:
+    """What propagation decided for one op.
+
+    Attributes:
+      factors: mesh axes per rule factor.
+      operands: the sharding each operand is read with (after resharding).
+    """
+
+    factors: tuple[tuple[str, ...], ...]
+    operands: tuple[Sharding, ...]
+
+
+@dataclasses.dataclass(frozen=True, slots=True, eq=False)
+class Propagation:
+    """The sharded program a plan describes.
+
+    Attributes:
+      graph: the graph propagated.
+      mesh: the mesh.
+      shardings: per value id, its sharding once materialised (pending sums resolved).
+      ops: per op id, the factor assignment (None for scan and cond).
+      collectives: every collective of the step, bodies included (counts hold trip counts).
+      bodies: op id -> propagation of each body (scan) or branch (cond).
+      live: per value id, whether the value is read or returned (dead values are not constrained).
+    """
+
+    graph: Graph
+    mesh: MeshShape
+    shardings: tuple[Sharding, ...]
+    ops: tuple[OpSharding | None, ...]
+    collectives: tuple[Collective, ...]
+    bodies: Mapping[int, tuple[Propagation, ...]]
+    live: tuple[bool, ...]
+
+
+def propagate(
+    graph: Graph,
+    mesh: MeshShape,
+    inputs: Mapping[int, Sharding],
+    *,
+    constraint: Constraint | None = None,
+    outputs: Mapping[int, Sharding] | None = None,
+    batch_inputs: frozenset[int] | None = None,
+) -> Propagation:
+    """Propagates input shardings through the graph.
+
+    Args:
+      graph: the program.
+      mesh: the device mesh.
+      inputs: sharding per input value id (missing inputs are replicated).
+      constraint: sharding a named value must have, or None (e.g. `Plan.activation_sharding`).
+      outputs: sharding per output position the step must return (e.g. new params like params).
+      batch_inputs: input ids derived from the batch (default: inputs with role BATCH).
+
+    Returns:
+      The Propagation: every value's sharding and the step's collectives.
+    """
+    return _Propagator(graph, mesh, constraint, batch_inputs).run(inputs, outputs or {})
+
+
+class _Propagator:
+    def __init__(self, graph: Graph, mesh: MeshShape, constraint: Constraint | None,
+                 batch_inputs: frozenset[int] | None):
+        self.g = graph
+        self.mesh = mesh
+        self.constraint = constraint
+        self.cur: list[Sharding | None] = [None] * len(graph.values)
+        self.ops: list[OpSharding | None] = [None] * len(graph.ops)
+        self.colls: list[Collective] = []
+        self.bodies: dict[int, tuple[Propagation, ...]] = {}
+        self.memo: set[tuple[int, Sharding]] = set()
+        if batch_inputs is None:
+            batch_inputs = frozenset(i for i in graph.inputs if graph.values[i].role is Role.BATCH)
+        self.batch = set(batch_inputs)
+
+    # -- driver ----------------------------------------------------------------------------------
+
+    def run(self, inputs: Mapping[int, Sharding], outputs: Mapping[int, Sharding]) -> Propagation:
+        g = self.g
+        for vid in g.inputs:
+            self.cur[vid] = inputs.get(vid) or Sharding.replicated(g.values[vid].rank)
+        for v in g.values:
+            if self.cur[v.id] is None and v.id not in g.producer:
+                self.cur[v.id] = Sharding.replicated(v.rank)  # constants
+        for op in g.ops:
+            if any(i in self.batch for i in op.inputs):
+                self.batch.update(op.outputs)
+            if op.primitive == "scan":
+                self._scan(op)
+            elif op.primitive == "cond":
+                self._cond(op)
+            else:
+                self._op(op)
+        for k, vid in enumerate(g.outputs):
+            want = outputs.get(k)
+            if want is None:
+                s = self.cur[vid]
+                want = Sharding(s.dims) if s.partial else s
+            self._read(vid, want)
+        live = [False] * len(g.values)
+        for op in g.ops:
+            for i in op.inputs:
+                live[i] = True
+        for o in g.outputs:
+            live[o] = True
+        shardings = tuple(Sharding(s.dims) if s.partial else s for s in self.cur)
+        return Propagation(g, self.mesh, shardings, tuple(self.ops), tuple(self.colls),
+                           self.bodies, tuple(live))
+
+    # -- one op ----------------------------------------------------------------------------------
+
+    def _op(self, op: Op) -> None:
+        rule = self._rule = op.rule
+        g = self.g
+        proposals: list[tuple[tuple, int, tuple[str, ...]]] = []
+        for k, vid in enumerate(op.inputs):
+            prio = (0, vid in self.batch, g.values[vid].nbytes, -k)
+            self._propose(rule.operands[k], self.cur[vid], prio, proposals)
+        targets: list[Sharding | None] = []
+        for k, vid in enumerate(op.outputs):
+            want = self.constraint(g.values[vid]) if self.constraint else None
+            targets.append(want)
+            if want is not None:
+                self._propose(rule.results[k], want, (1, True, 0, -k), proposals)
+        factors = self._assign(rule, proposals)
+        operands = tuple(
+            Sharding(self._dims(rule.operands[k], factors)) for k in range(len(op.inputs))
+        )
+        for vid, want in zip(op.inputs, operands, strict=True):
+            self._read(vid, want)
+        partial = frozenset(
+            a for f in rule.factors_of(FactorKind.REDUCTION) for a in factors[f]
+        )
+        for k, vid in enumerate(op.outputs):
+            self.cur[vid] = Sharding(self._dims(rule.results[k], factors), partial)
+            if targets[k] is not None:
+                self._read(vid, targets[k])
+        self.ops[op.id] = OpSharding(factors, operands)
+
+    def _propose(self, dims_map, s: Sharding, prio: tuple, out: list) -> None:
+        for d, fs in enumerate(dims_map):
+            axes = s.dims[d]
+            if not axes or not fs:
+                continue
+            if len(fs) == 1:
+                out.append((prio, fs[0], axes))
+                continue
+            # A compound dim: axes fill its factors major first; a factor takes axes while
+            # their product divides it, and the next factor starts only once it is whole.
+            rest = list(axes)
+            for f in fs:
+                taken: list[str] = []
+                while rest and self._fsize(f) % self.mesh.axes_size((*taken, rest[0])) == 0:
+                    taken.append(rest.pop(0))
+                if taken:
+                    out.append((prio, f, tuple(taken)))
+                if self.mesh.axes_size(taken) != self._fsize(f):
+                    break
+
+    def _fsize(self, f: int) -> int:
+        return self._rule.sizes[f]
+
+    def _assign(self, rule: OpRule, proposals: list) -> tuple[tuple[str, ...], ...]:
+        factors: list[tuple[str, ...] | None] = [None] * rule.num_factors
+        used: set[str] = set()
+        for _, f, axes in sorted(proposals, key=lambda p: p[0], reverse=True):
+            if factors[f] is not None or rule.kinds[f] is FactorKind.LOCAL:
+                continue
+            taken: list[str] = []
+            for a in axes:
+                if a in used or rule.sizes[f] % self.mesh.axes_size((*taken, a)):
+                    break
+                taken.append(a)
+            if taken:
+                factors[f] = tuple(taken)
+                used.update(taken)
+        out = [f or () for f in factors]
+        # A compound dim is a contiguous block only if every factor before its minor-most
+        # sharded one is wholly sharded; unshard the minor factors that break this.
+        for tensor in (*rule.operands, *rule.results):
+            for fs in tensor:
+                if len(fs) < 2:
+                    continue
+                broken = False
+                for f in fs:
+                    if broken:
+                        out[f] = ()
+                    elif self.mesh.axes_size(out[f]) != rule.sizes[f]:
+                        broken = True
+        return tuple(out)
+
+    @staticmethod
+    def _dims(dims_map, factors) -> tuple[tuple[str, ...], ...]:
+        return tuple(tuple(a for f in fs for a in factors[f]) for fs in dims_map)
+
+    # -- reading a value with a given sharding -----------------------------------------------------
+
+    def _read(self, vid: int, want: Sharding) -> None:
+        """Reshards value `vid` to `want` (counting collectives once per value and target)."""
+        have = self.cur[vid]
+        if have == want or (vid, want) in self.memo:
+            return
+        self.memo.add((vid, want))
+        v = self.g.values[vid]
+        colls, resolved = reshard(v, have, want, self.mesh)
+        self.colls.extend(colls)
+        if have.partial:
+            self.cur[vid] = resolved
+
+    # -- structure -------------------------------------------------------------------------------
+
+    def _resolved(self, vid: int) -> Sharding:
+        s = self.cur[vid]
+        if s.partial:
+            self._read(vid, Sharding(s.dims))
+        return self.cur[vid]
+
+    def _scan(self, op: Op) -> None:
+        body = op.body[0]
+        nc, nk = op.params["num_consts"], op.params["num_carry"]
+        body_in: dict[int, Sharding] = {}
+        body_batch = set()
+        for k, (vid, bid) in enumerate(zip(op.inputs, body.inputs, strict=True)):
+            s = self._resolved(vid)
+            if k >= nc + nk:
+                if s.dims[0]:
+                    s = Sharding(((),) + s.dims[1:])
+                    self._read(vid, s)
+                s = Sharding(s.dims[1:])
+            body_in[bid] = s
+            if vid in self.batch:
+                body_batch.add(bid)
+        carry_out = {j: body_in[body.inputs[nc + j]] for j in range(nk)}
+        sub = propagate(body, self.mesh, body_in, constraint=self.constraint, outputs=carry_out,
+                        batch_inputs=frozenset(body_batch))
+        self.bodies[op.id] = (sub,)
+        self.colls.extend(dataclasses.replace(c, count=c.count * op.trip_count) for c in sub.collectives)
+        for j, vid in enumerate(op.outputs):
+            if j < nk:
+                self.cur[vid] = carry_out[j]
+            else:
+                self.cur[vid] = Sharding(((),) + sub.shardings[body.outputs[j]].dims)
+
+    def _cond(self, op: Op) -> None:
+        self._resolved(op.inputs[0])
+        subs = []
+        outs: dict[int, Sharding] = {}
+        for branch in op.body:
+            body_in = {bid: self._resolved(vid) for vid, bid in zip(op.inputs[1:], branch.inputs, strict=True)}
+            sub = propagate(branch, self.mesh, body_in, constraint=self.constraint, outputs=outs,
+                            batch_inputs=frozenset(b for v, b in zip(op.inputs[1:], branch.inputs, strict=True)
+                                                   if v in self.batch))
+            if not outs:
+                outs = {j: sub.shardings[o] for j, o in enumerate(branch.outputs)}
+            subs.append(sub)
+            self.colls.extend(sub.collectives)
+        self.bodies[op.id] = tuple(subs)
+        for j, vid in enumerate(op.outputs):
+            self.cur[vid] = outs[j]
+
+
+def reshard(v: Value, have: Sharding, want: Sharding, mesh: MeshShape) -> tuple[list[Collective], Sharding]:
+    """The collectives that turn `have` into `want` (which has no pending sum).
+
+    Pending sums go first: a partial axis that `want` appends to a dim becomes a reduce-scatter
+    into that dim, the other partial axes one all-reduce. Then each dim drops the axes `want`
+    does not keep as a prefix: moved to another dim by an all-to-all, else all-gathered. Axes
+    `want` adds are local slices and cost nothing.
+
+    Returns:
+      The collectives, and the sharding once pending sums are resolved.
+    """
+    colls: list[Collective] = []
+    dims = list(have.dims)
+    itemsize = v.itemsize
+
+    def local_bytes() -> int:
+        n = itemsize
+        for size, axes in zip(v.shape, dims, strict=True):
+            n *= size // mesh.axes_size(axes)
+        return n
+
+    def order(axes) -> tuple[str, ...]:
+        return tuple(a for a in mesh.axes if a in axes)
+
+    if have.partial:
+        scattered: set[str] = set()
+        scatter_dims = []
+        for d, (h, w) in enumerate(zip(have.dims, want.dims, strict=True)):
+            if w[: len(h)] != h:
+                continue
+            extra = []
+            for a in w[len(h):]:
+                if a not in have.partial or a in scattered:
+                    break
+                extra.append(a)
+            if extra:
+                scatter_dims.append((d, tuple(extra)))
+                scattered.update(extra)
+        reduce_axes = order(have.partial - scattered)
+        if reduce_axes:
+            colls.append(Collective(CollectiveKind.ALL_REDUCE, reduce_axes, local_bytes(), v.name))
+        for d, extra in scatter_dims:
+            colls.append(Collective(CollectiveKind.REDUCE_SCATTER, order(extra), local_bytes(), v.name))
+            dims[d] = dims[d] + extra
+    resolved = Sharding(tuple(dims))
+
+    wanted_dim = {a: d for d, axes in enumerate(want.dims) for a in axes}
+    # All-to-alls: an axis that leaves one dim for another.
+    for d in range(len(dims)):
+        keep = _common_prefix(dims[d], want.dims[d])
+        for a in dims[d][len(keep):]:
+            d2 = wanted_dim.get(a)
+            if d2 is not None and d2 != d and a not in dims[d2]:
+                colls.append(Collective(CollectiveKind.ALL_TO_ALL, (a,), local_bytes(), v.name))
+                dims[d] = tuple(x for x in dims[d] if x != a)
+                dims[d2] = dims[d2] + (a,)
+    # All-gathers: axes a dim must drop.
+    for d in range(len(dims)):
+        keep = _common_prefix(dims[d], want.dims[d])
+        drop = dims[d][len(keep):]
+        if drop:
+            dims[d] = keep
+            colls.append(Collective(CollectiveKind.ALL_GATHER, order(drop), local_bytes(), v.name))
+    return colls, resolved
+
+
+def _common_prefix(a: tuple[str, ...], b: tuple[str, ...]) -> tuple[str, ...]:
+    n = 0
+    while n < len(a) and n < len(b) and a[n] == b[n]:
+        n += 1
+    return a[:n]
