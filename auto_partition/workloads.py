@@ -1,0 +1,40 @@
+"""Turn what a user names (a built-in model, an HF Flax model, or module:function) into a Workload."""
+
+from __future__ import annotations
+
+from ir.workload import Workload, WorkloadError, load_entry_point
+from models import hf, registry
+
+
+def resolve(spec: str, size: str | None = None, *, scan: bool = False) -> Workload:
+    """Resolves a model spec.
+
+    Accepted forms: a built-in name ('gpt', with `size`, default 'tiny'); name-size ('llama-8b',
+    'gpt2-xl'); a recorded source ('builtin:llama:8b:scan', 'hf:hf-gpt2:tiny'); an HF Flax model
+    ('hf-gpt2'); or an entry point 'package.module:function' returning a Workload or (fn, args).
+    """
+    if spec.startswith("builtin:"):
+        parts = spec.split(":")
+        if len(parts) < 3:
+            raise WorkloadError(f"model source {spec!r} is not 'builtin:NAME:SIZE[:scan]'.")
+        return registry.get(parts[1], parts[2], scan="scan" in parts[3:])
+    if spec.startswith("hf:"):
+        parts = spec.split(":")
+        return hf.get(parts[1], parts[2] if len(parts) > 2 else "tiny")
+    if spec in hf.names():
+        return hf.get(spec, size or "tiny")
+    if ":" in spec:
+        return load_entry_point(spec)
+    if spec in registry.names():
+        return registry.get(spec, size or "tiny", scan=scan)
+    for name in registry.names():
+        if spec.startswith(name + "-") and spec[len(name) + 1 :] in registry.sizes(name):
+            return registry.get(name, spec[len(name) + 1 :], scan=scan)
+    for name in registry.names():  # sizes that carry their family's name, e.g. 'gpt2-xl'
+        if spec in registry.sizes(name):
+            return registry.get(name, spec, scan=scan)
+    known = ", ".join((*registry.names(), *hf.names()))
+    raise WorkloadError(
+        f"unknown model {spec!r}; use a built-in model ({known}), NAME-SIZE such as llama-8b, or an "
+        "entry point 'package.module:function'."
+    )
