@@ -69,7 +69,7 @@ def normalize_spec(entries: Sequence[Any]) -> Spec:
             out.append(tuple(entry))
         else:
             raise PlanError(
-                f"spec entry {i} is {entry!r}; write null, a mesh axis name, or a list of mesh axis names."
+                f"spec entry for dim {i} is {entry!r}; write null, a mesh axis name, or a list of mesh axis names."
             )
     return tuple(out)
 
@@ -77,6 +77,11 @@ def normalize_spec(entries: Sequence[Any]) -> Spec:
 def spec_entries(spec: Spec) -> list[Any]:
     """A Spec in its written form: null, 'axis' or [a, b] per dim (the YAML and PartitionSpec form)."""
     return [None if not d else d[0] if len(d) == 1 else list(d) for d in spec]
+
+
+def quote(text: str) -> str:
+    """A YAML single-quoted scalar: backslashes stay single, so regexes read as written."""
+    return "'" + text.replace("'", "''") + "'"
 
 
 def format_spec(spec: Spec) -> str:
@@ -109,7 +114,7 @@ def compile_pattern(pattern: str) -> re.Pattern[str]:
         return re.compile(pattern)
     except re.error as e:
         raise PlanError(
-            f"bad regex {pattern!r} ({e}); fix the pattern, escaping literal characters such as "
+            f"bad regex {quote(pattern)} ({e}); fix the pattern, escaping literal characters such as "
             "'(' or '.' with a backslash."
         ) from None
 
@@ -147,7 +152,7 @@ class Rule:
         return Sharding(self.spec + ((),) * max(0, rank - len(self.spec)))
 
     def __str__(self) -> str:
-        return f"{{match: {self.pattern!r}, spec: {format_spec(self.spec)}}}"
+        return f"{{match: {quote(self.pattern)}, spec: {format_spec(self.spec)}}}"
 
 
 def first_match(rules: Sequence[Rule], name: str) -> tuple[int, Rule] | None:
@@ -639,8 +644,9 @@ def _merge_siblings(rules: list[tuple[tuple[tuple[str, ...], ...], K, int]]):
             buckets: dict[Any, list[tuple[tuple[tuple[str, ...], ...], K, int]]] = {}
             for rule in rules:
                 comps, key, _ = rule
-                if len(comps) > i:
-                    buckets.setdefault((len(comps), key, comps[:i], comps[i + 1 :]), []).append(rule)
+                # Rules too short for position i sit alone in a bucket keyed by their identity.
+                at = (len(comps), key, comps[:i], comps[i + 1 :]) if len(comps) > i else (rule,)
+                buckets.setdefault(at, []).append(rule)
             merged = []
             for bucket in buckets.values():
                 comps, key, _ = bucket[0]

@@ -20,6 +20,7 @@ from ir.plan import (
     Unmatched,
     compile_pattern,
     normalize_spec,
+    quote,
     spec_entries,
     thaw,
 )
@@ -241,21 +242,21 @@ def plan_from_dict(doc: Any, *, source: str = "plan.yaml") -> Plan:
             "optimizer_state: {rules: [...]}."
         )
 
+    fields = {
+        "params": _rules(params.get("rules"), source, "params"),
+        "unmatched": unmatched,
+        "data": _rules(data.get("rules"), source, "data"),
+        "optimizer_state": opt_mode,
+        "opt_state_rules": opt_rules,
+        "activations": _rules(acts.get("rules"), source, "activations"),
+        "logical_axis_rules": _logical(doc.get("logical_axis_rules"), source),
+        "tactics": _list(doc.get("tactics"), source, "tactics"),
+        "predicted": _mapping(doc.get("predicted"), source, "predicted"),
+        "measured": _mapping(doc.get("measured"), source, "measured"),
+        "provenance": _provenance(doc.get("provenance"), source),
+    }
     try:
-        return Plan(
-            mesh,
-            params=_rules(params.get("rules"), source, "params"),
-            unmatched=unmatched,
-            data=_rules(data.get("rules"), source, "data"),
-            optimizer_state=opt_mode,
-            opt_state_rules=opt_rules,
-            activations=_rules(acts.get("rules"), source, "activations"),
-            logical_axis_rules=_logical(doc.get("logical_axis_rules"), source),
-            tactics=_list(doc.get("tactics"), source, "tactics"),
-            predicted=_mapping(doc.get("predicted"), source, "predicted"),
-            measured=_mapping(doc.get("measured"), source, "measured"),
-            provenance=_provenance(doc.get("provenance"), source),
-        )
+        return Plan(mesh, **fields)
     except PlanError as e:
         raise PlanError(f"{source}: {e.detail}", tensor=e.tensor, detail=e.detail) from None
 
@@ -370,7 +371,7 @@ def _rules(doc: Any, source: str, section: str) -> tuple[Rule, ...]:
         try:
             spec: Spec = normalize_spec(item["spec"] if item["spec"] is not None else [])
         except PlanError as e:
-            raise PlanError(f"{source}: {where} {{match: {item['match']!r}}}: {e.detail}") from None
+            raise PlanError(f"{source}: {where} {{match: {quote(item['match'])}}}: {e.detail}") from None
         try:
             out.append(Rule(item["match"], spec))
         except PlanError as e:
