@@ -53,6 +53,7 @@ class Propagation:
       collectives: every collective of the step, bodies included (counts hold trip counts).
       bodies: op id -> propagation of each body (scan) or branch (cond).
       live: per value id, whether the value is read or returned (dead values are not constrained).
+      outputs: per output position, the sharding the step returns it with.
     """
 
     graph: Graph
@@ -62,6 +63,7 @@ class Propagation:
     collectives: tuple[Collective, ...]
     bodies: Mapping[int, tuple[Propagation, ...]]
     live: tuple[bool, ...]
+    outputs: tuple[Sharding, ...]
 
 
 def propagate(
@@ -122,12 +124,14 @@ class _Propagator:
                 self._cond(op)
             else:
                 self._op(op)
+        returned = []
         for k, vid in enumerate(g.outputs):
             want = outputs.get(k)
             if want is None:
                 s = self.cur[vid]
                 want = Sharding(s.dims) if s.partial else s
             self._read(vid, want)
+            returned.append(want)
         live = [False] * len(g.values)
         for op in g.ops:
             for i in op.inputs:
@@ -136,7 +140,7 @@ class _Propagator:
             live[o] = True
         shardings = tuple(Sharding(s.dims) if s.partial else s for s in self.cur)
         return Propagation(g, self.mesh, shardings, tuple(self.ops), tuple(self.colls),
-                           self.bodies, tuple(live))
+                           self.bodies, tuple(live), tuple(returned))
 
     # -- one op ----------------------------------------------------------------------------------
 
@@ -270,7 +274,7 @@ class _Propagator:
             if j < nk:
                 self.cur[vid] = carry_out[j]
             else:
-                self.cur[vid] = Sharding(((),) + sub.shardings[body.outputs[j]].dims)
+                self.cur[vid] = Sharding(((),) + sub.outputs[j].dims)
 
     def _cond(self, op: Op) -> None:
         self._resolved(op.inputs[0])
@@ -282,7 +286,7 @@ class _Propagator:
                             batch_inputs=frozenset(b for v, b in zip(op.inputs[1:], branch.inputs, strict=True)
                                                    if v in self.batch))
             if not outs:
-                outs = {j: sub.shardings[o] for j, o in enumerate(branch.outputs)}
+                outs = dict(enumerate(sub.outputs))
             subs.append(sub)
             self.colls.extend(sub.collectives)
         self.bodies[op.id] = tuple(subs)
@@ -361,3 +365,14 @@ def _common_prefix(a: tuple[str, ...], b: tuple[str, ...]) -> tuple[str, ...]:
     while n < len(a) and n < len(b) and a[n] == b[n]:
         n += 1
     return a[:n]
+
+
+def propagate_plan(graph: Graph, plan) -> Propagation:
+    """Propagates a Plan: its input shardings, its activation constraints, and outputs that
+    update an input (new params, new optimizer state) returned sharded like that input."""
+    inputs = plan.input_shardings(graph)
+    outputs = {k: inputs[a] for k, a in enumerate(graph.output_alias) if a >= 0 and a in inputs}
+    return propagate(
+        graph, plan.mesh, inputs,
+        constraint=lambda v: plan.activation_sharding(v.name, v.shape), outputs=outputs,
+    )

@@ -46,7 +46,7 @@ def trace(workload: Workload) -> Graph:
         zip(workload.arg_names, workload.roles, workload.args, strict=True)
     ):
         for path, leaf in jax.tree_util.tree_flatten_with_path(arg)[0]:
-            leaves.append((i, arg_name, role, _path_str(path), leaf))
+            leaves.append((i, arg_name, role, path_str(path), leaf))
     if len(leaves) != len(closed.jaxpr.invars):
         raise AssertionError("flattened arguments and jaxpr inputs differ in number")
     for var, (i, arg_name, role, path, _) in zip(closed.jaxpr.invars, leaves, strict=True):
@@ -65,7 +65,7 @@ def trace(workload: Workload) -> Graph:
     alias = []
     out_leaves = jax.tree_util.tree_flatten_with_path(out_shape)[0]
     for vid, (path, leaf) in zip(outputs, out_leaves, strict=True):
-        top, _, rest = _path_str(path).partition("/")
+        top, _, rest = path_str(path).partition("/")
         src = -1
         if top.isdigit() and int(top) < len(workload.args):
             cand = input_by_path.get((int(top), rest))
@@ -73,12 +73,13 @@ def trace(workload: Workload) -> Graph:
                 src = cand
         alias.append(src)
         if b.values[vid][2] is Role.ACTIVATION:
-            name = f"out/{workload.arg_names[int(top)]}/{rest}" if src >= 0 else f"out/{_path_str(path)}"
+            name = f"out/{workload.arg_names[int(top)]}/{rest}" if src >= 0 else f"out/{path_str(path)}"
             b.values[vid] = (name, *b.values[vid][1:2], Role.OUTPUT, *b.values[vid][3:])
     return b.graph(inputs, outputs, donated=frozenset(donated), output_alias=tuple(alias))
 
 
-def _path_str(path: Sequence[Any]) -> str:
+def path_str(path: Sequence[Any]) -> str:
+    """A pytree key path as a '/'-joined name: dict keys, sequence indices, attribute names."""
     parts = []
     for k in path:
         if isinstance(k, jax.tree_util.DictKey):

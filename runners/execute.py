@@ -112,7 +112,7 @@ def jit_plan(workload: Workload, prop: Propagation, mode: Mode, mesh: jax.shardi
     g: Graph = prop.graph
     mesh = mesh or make_mesh(prop.mesh)
     in_sh = [named(mesh, prop.shardings[i]) for i in g.inputs]
-    out_sh = [named(mesh, prop.shardings[o]) for o in g.outputs]
+    out_sh = [named(mesh, s) for s in prop.outputs]
     if mode is Mode.CONSTRAINED:
         fn = constrained_fn(prop, mesh)
     else:

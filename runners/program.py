@@ -83,7 +83,7 @@ def _interpret(prop: Propagation, mesh: jax.sharding.Mesh, args: list[Any]) -> l
             outs = list(res) if op.prim.multiple_results else [res]
         for vid, val in zip(op.outputs, outs, strict=True):
             env[vid] = _constrain(val, prop.shardings[vid], mesh) if prop.live[vid] else val
-    return [env[o] for o in g.outputs]
+    return [_constrain(env[o], s, mesh) for o, s in zip(g.outputs, prop.outputs, strict=True)]
 
 
 def _scan(op, body: Propagation, mesh, ins: list[Any]) -> list[Any]:
