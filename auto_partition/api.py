@@ -67,13 +67,18 @@ class LoadedPlan:
             if key not in cache:
                 workload = Workload(step, abstract, donate_argnums=tuple(donate_argnums))
                 graph = trace(workload)
-                check_fingerprint(self.plan, workload.fingerprint(),
-                                  allow_mismatch=self.allow_fingerprint_mismatch)
+                check_fingerprint(
+                    self.plan, workload.fingerprint(), allow_mismatch=self.allow_fingerprint_mismatch
+                )
                 prop = propagate_plan(graph, self.plan)
                 in_sh = [named(mesh, prop.shardings[i]) for i in graph.inputs]
                 out_sh = [named(mesh, s) for s in prop.outputs]
-                fn = jax.jit(constrained_fn(prop, mesh), in_shardings=in_sh, out_shardings=out_sh,
-                             donate_argnums=flat_donation(workload))
+                fn = jax.jit(
+                    constrained_fn(prop, mesh),
+                    in_shardings=in_sh,
+                    out_shardings=out_sh,
+                    donate_argnums=flat_donation(workload),
+                )
                 out_tree = jax.tree.structure(jax.eval_shape(step, *abstract))
                 cache[key] = (fn, in_sh, out_tree)
             fn, in_sh, out_tree = cache[key]
@@ -82,8 +87,14 @@ class LoadedPlan:
 
         return run
 
-    def shardings(self, mesh_or_devices: Any, tree: Any, *, prefix: str | None = None,
-                  arg_names: Sequence[str] = ("params", "opt_state", "batch")) -> Any:
+    def shardings(
+        self,
+        mesh_or_devices: Any,
+        tree: Any,
+        *,
+        prefix: str | None = None,
+        arg_names: Sequence[str] = ("params", "opt_state", "batch"),
+    ) -> Any:
         """NamedShardings shaped like `tree`, for users who call `jax.jit` themselves.
 
         Args:
@@ -117,10 +128,12 @@ class LoadedPlan:
         for name, sub in named_trees:
             leaves = jax.tree_util.tree_flatten_with_path(sub)[0]
             role = role_for_arg(name)
-            values.append([
-                Value(0, f"{name}/{path_str(p)}" if p else name, tuple(x.shape), str(x.dtype), role)
-                for p, x in leaves
-            ])
+            values.append(
+                [
+                    Value(0, f"{name}/{path_str(p)}" if p else name, tuple(x.shape), str(x.dtype), role)
+                    for p, x in leaves
+                ]
+            )
         index = param_index([v for vs in values for v in vs if v.role is Role.PARAM])
         out = []
         for (_, sub), vs in zip(named_trees, values, strict=True):

@@ -12,13 +12,21 @@ from typing import Any
 import yaml
 
 
-
 def _parse_bytes(text: str) -> int:
-    units = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KIB": 2**10, "MIB": 2**20,
-             "GIB": 2**30}
+    units = {
+        "": 1,
+        "B": 1,
+        "KB": 1e3,
+        "MB": 1e6,
+        "GB": 1e9,
+        "TB": 1e12,
+        "KIB": 2**10,
+        "MIB": 2**20,
+        "GIB": 2**30,
+    }
     t = text.strip().upper()
     num = t.rstrip("KMGTIB")
-    unit = t[len(num):]
+    unit = t[len(num) :]
     if unit not in units or not num.replace(".", "", 1).isdigit():
         raise argparse.ArgumentTypeError(f"{text!r} is not a size; write e.g. 80GB or 512MiB.")
     return int(float(num) * units[unit])
@@ -44,12 +52,23 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--scan", action="store_true", help="layers stacked and run with lax.scan")
 
     def run_args(sp):
-        sp.add_argument("--mode", choices=("constrained", "portable", "both"), default="both",
-                        help="constrained pins every value; portable sets only argument/result shardings")
-        sp.add_argument("--compile-only", action="store_true",
-                        help="compile from shapes only (no numerics, no time); works for any model size")
-        sp.add_argument("--memory-limit", type=_parse_bytes, default=_parse_bytes("80GB"),
-                        help="per-device memory a plan must fit in (default 80GB)")
+        sp.add_argument(
+            "--mode",
+            choices=("constrained", "portable", "both"),
+            default="both",
+            help="constrained pins every value; portable sets only argument/result shardings",
+        )
+        sp.add_argument(
+            "--compile-only",
+            action="store_true",
+            help="compile from shapes only (no numerics, no time); works for any model size",
+        )
+        sp.add_argument(
+            "--memory-limit",
+            type=_parse_bytes,
+            default=_parse_bytes("80GB"),
+            help="per-device memory a plan must fit in (default 80GB)",
+        )
         sp.add_argument("--json", action="store_true", help="print JSON instead of tables")
 
     t = sub.add_parser("trace", help="trace a model and summarise its graph and factor rules")
@@ -66,8 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="verify one plan file against XLA on the local devices")
     v.add_argument("plan", help="plan.yaml")
     v.add_argument("--model", default=None, help="override the workload recorded in the plan")
-    v.add_argument("--allow-fingerprint-mismatch", action="store_true",
-                   help="verify even if the plan was made for a model with other input shapes")
+    v.add_argument(
+        "--allow-fingerprint-mismatch",
+        action="store_true",
+        help="verify even if the plan was made for a model with other input shapes",
+    )
     run_args(v)
     return p
 

@@ -55,8 +55,10 @@ def cmd_trace(args) -> int:
     if args.json:
         emit_json(info)
         return 0
-    print(f"{w.source}: {info['ops']} ops, {info['values']} values, {len(g.inputs)} inputs, "
-          f"{info['param_count']:,} parameters ({_fmt_bytes(info['param_bytes'])})")
+    print(
+        f"{w.source}: {info['ops']} ops, {info['values']} values, {len(g.inputs)} inputs, "
+        f"{info['param_count']:,} parameters ({_fmt_bytes(info['param_bytes'])})"
+    )
     print(f"fingerprint {info['fingerprint']}")
     print("unruled primitives (conservative rule): " + (", ".join(g.unruled) or "none"))
     shown = set()
@@ -73,8 +75,13 @@ def cmd_baselines(args) -> int:
     w = resolve(args.model, args.size, scan=args.scan)
     strategies = args.strategies.split(",") if args.strategies else None
     checks = check_baselines(
-        w, mesh, tp_rules=_tp_rules(w), strategies=strategies, modes=_modes(args.mode),
-        execute=not args.compile_only, memory_limit=args.memory_limit,
+        w,
+        mesh,
+        tp_rules=_tp_rules(w),
+        strategies=strategies,
+        modes=_modes(args.mode),
+        execute=not args.compile_only,
+        memory_limit=args.memory_limit,
     )
     if args.save:
         os.makedirs(args.save, exist_ok=True)
@@ -95,8 +102,13 @@ def cmd_verify(args) -> int:
     w = resolve(source)
     check_fingerprint(plan, w.fingerprint(), allow_mismatch=args.allow_fingerprint_mismatch)
     check_mesh(plan.mesh)
-    checks = check_plans(w, [(os.path.basename(args.plan), plan)], modes=_modes(args.mode),
-                         execute=not args.compile_only, memory_limit=args.memory_limit)
+    checks = check_plans(
+        w,
+        [(os.path.basename(args.plan), plan)],
+        modes=_modes(args.mode),
+        execute=not args.compile_only,
+        memory_limit=args.memory_limit,
+    )
     _report(f"{args.plan} ({w.source}) on mesh {plan.mesh}", checks, args)
     return 0
 
@@ -105,23 +117,29 @@ def check_rows(checks: Sequence[PlanCheck]) -> list[dict]:
     rows = []
     for c in checks:
         v = c.verification
-        rows.append({
-            "plan": c.name,
-            "mode": v.mode.value,
-            "fits": c.fits,
-            "device_bytes": c.device_bytes,
-            "max_error": None if math.isnan(v.max_error) else v.max_error,
-            "within_tolerance": v.within_tolerance if v.executed else None,
-            "agreement": v.agreement,
-            "flops": v.flops,
-            "step_time_s": None if math.isnan(v.step_time_s) else v.step_time_s,
-            "memory": dict(v.memory),
-            "collectives": [
-                {"kind": r.kind.value, "axes": list(r.axes), "predicted_bytes": r.predicted,
-                 "compiled_bytes": r.compiled}
-                for r in v.rows
-            ],
-        })
+        rows.append(
+            {
+                "plan": c.name,
+                "mode": v.mode.value,
+                "fits": c.fits,
+                "device_bytes": c.device_bytes,
+                "max_error": None if math.isnan(v.max_error) else v.max_error,
+                "within_tolerance": v.within_tolerance if v.executed else None,
+                "agreement": v.agreement,
+                "flops": v.flops,
+                "step_time_s": None if math.isnan(v.step_time_s) else v.step_time_s,
+                "memory": dict(v.memory),
+                "collectives": [
+                    {
+                        "kind": r.kind.value,
+                        "axes": list(r.axes),
+                        "predicted_bytes": r.predicted,
+                        "compiled_bytes": r.compiled,
+                    }
+                    for r in v.rows
+                ],
+            }
+        )
     return rows
 
 
@@ -131,8 +149,10 @@ def _report(title: str, checks: Sequence[PlanCheck], args) -> None:
         emit_json({"title": title, "rows": rows})
         return
     print(title)
-    head = f"{'plan':<10} {'mode':<12} {'fits':<5} {'mem/device':>11} {'max err':>9} {'agree':>7}  " \
-           f"collectives per device: predicted / compiled"
+    head = (
+        f"{'plan':<10} {'mode':<12} {'fits':<5} {'mem/device':>11} {'max err':>9} {'agree':>7}  "
+        f"collectives per device: predicted / compiled"
+    )
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -141,15 +161,20 @@ def _report(title: str, checks: Sequence[PlanCheck], args) -> None:
             err += "!"
         colls = r["collectives"] or [None]
         for i, col in enumerate(colls):
-            lead = (f"{r['plan']:<10} {r['mode']:<12} {'yes' if r['fits'] else 'NO':<5} "
-                    f"{_fmt_bytes(r['device_bytes']):>11} {err:>9} {r['agreement']:>6.1%}  "
-                    if i == 0 else " " * (len(head) - 44))
+            lead = (
+                f"{r['plan']:<10} {r['mode']:<12} {'yes' if r['fits'] else 'NO':<5} "
+                f"{_fmt_bytes(r['device_bytes']):>11} {err:>9} {r['agreement']:>6.1%}  "
+                if i == 0
+                else " " * (len(head) - 44)
+            )
             if col is None:
                 print(lead + "none")
             else:
                 kind = f"{col['kind']}{{{','.join(col['axes'])}}}"
-                print(f"{lead}{kind:<28} {_fmt_bytes(col['predicted_bytes']):>10} / "
-                      f"{_fmt_bytes(col['compiled_bytes']):<10}")
+                print(
+                    f"{lead}{kind:<28} {_fmt_bytes(col['predicted_bytes']):>10} / "
+                    f"{_fmt_bytes(col['compiled_bytes']):<10}"
+                )
     bad = [r for r in rows if r["within_tolerance"] is False]
     if bad:
         print(f"\n{len(bad)} run(s) marked ! differ from the unsharded step beyond tolerance.")

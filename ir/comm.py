@@ -40,7 +40,9 @@ class Collective:
         return self.bytes * self.count
 
 
-def bytes_by_kind_axes(collectives: Iterable[Collective]) -> dict[tuple[CollectiveKind, tuple[str, ...]], int]:
+def bytes_by_kind_axes(
+    collectives: Iterable[Collective],
+) -> dict[tuple[CollectiveKind, tuple[str, ...]], int]:
     """Sums per-step bytes per (kind, axes)."""
     out: dict[tuple[CollectiveKind, tuple[str, ...]], int] = {}
     for c in collectives:

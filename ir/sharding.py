@@ -24,8 +24,7 @@ class ShardingError(ValueError):
       axis: the offending mesh axis, or None.
     """
 
-    def __init__(self, message: str, *, tensor: str = "", dim: int | None = None,
-                 axis: str | None = None):
+    def __init__(self, message: str, *, tensor: str = "", dim: int | None = None, axis: str | None = None):
         super().__init__(message)
         self.tensor = tensor
         self.dim = dim
@@ -167,15 +166,18 @@ class Sharding:
             for axis in axes:
                 if axis not in mesh.axes:
                     raise ShardingError(
-                        f"{where}dim {dim} names unknown mesh axis {axis!r}; the mesh has axes "
-                        f"{mesh.axes}.",
-                        tensor=tensor, dim=dim, axis=axis,
+                        f"{where}dim {dim} names unknown mesh axis {axis!r}; the mesh has axes {mesh.axes}.",
+                        tensor=tensor,
+                        dim=dim,
+                        axis=axis,
                     )
                 if axis in seen:
                     raise ShardingError(
                         f"{where}mesh axis {axis!r} is used twice on one tensor; shard each mesh "
                         "axis over at most one dim.",
-                        tensor=tensor, dim=dim, axis=axis,
+                        tensor=tensor,
+                        dim=dim,
+                        axis=axis,
                     )
                 seen.add(axis)
             n = mesh.axes_size(axes)
@@ -184,7 +186,9 @@ class Sharding:
                     f"{where}dim {dim} (size {size}) is sharded over mesh axes {axes} of size {n}, "
                     f"and {n} does not divide {size}. Use a mesh axis size that divides it, or leave "
                     "this dim unsharded.",
-                    tensor=tensor, dim=dim, axis=axes[-1] if axes else None,
+                    tensor=tensor,
+                    dim=dim,
+                    axis=axes[-1] if axes else None,
                 )
         for axis in self.partial:
             if axis not in mesh.axes:
@@ -192,7 +196,8 @@ class Sharding:
             if axis in seen:
                 raise ShardingError(
                     f"{where}mesh axis {axis!r} both shards a dim and holds a partial sum.",
-                    tensor=tensor, axis=axis,
+                    tensor=tensor,
+                    axis=axis,
                 )
 
     def __str__(self) -> str:

@@ -73,7 +73,11 @@ def trace(workload: Workload) -> Graph:
                 src = cand
         alias.append(src)
         if b.values[vid][2] is Role.ACTIVATION:
-            name = f"out/{workload.arg_names[int(top)]}/{rest}" if src >= 0 else f"out/{path_str(path)}"
+            name = (
+                "/".join(filter(None, ("out", workload.arg_names[int(top)], rest)))
+                if src >= 0
+                else f"out/{path_str(path)}"
+            )
             b.values[vid] = (name, *b.values[vid][1:2], Role.OUTPUT, *b.values[vid][3:])
     return b.graph(inputs, outputs, donated=frozenset(donated), output_alias=tuple(alias))
 
@@ -125,8 +129,14 @@ class _Builder:
             Value(i, name, shape, dtype, role) for i, (name, shape, role, dtype) in enumerate(self.values)
         )
         return Graph(
-            values, tuple(self.ops), tuple(inputs), tuple(outputs), donated, tuple(output_alias),
-            tuple(sorted(self.unruled)), self.consts,
+            values,
+            tuple(self.ops),
+            tuple(inputs),
+            tuple(outputs),
+            donated,
+            tuple(output_alias),
+            tuple(sorted(self.unruled)),
+            self.consts,
         )
 
     def run(self, jaxpr: Any, env: dict[Any, int], remat: bool) -> None:
@@ -171,8 +181,18 @@ class _Builder:
             rule = conservative_rule(in_shapes, out_shapes)
             self.unruled.add(name)
         self.ops.append(
-            Op(len(self.ops), name, tuple(ins), tuple(outs), params, remat=remat, scope=scope, rule=rule,
-               prim=eqn.primitive, bind_params=eqn.params)
+            Op(
+                len(self.ops),
+                name,
+                tuple(ins),
+                tuple(outs),
+                params,
+                remat=remat,
+                scope=scope,
+                rule=rule,
+                prim=eqn.primitive,
+                bind_params=eqn.params,
+            )
         )
 
     def _inline(self, eqn: Any, env: dict[Any, int], remat: bool) -> None:
@@ -188,8 +208,9 @@ class _Builder:
             if not isinstance(var, jcore.DropVar):
                 env[var] = self.read(inner, res)
 
-    def _sub_graph(self, closed: Any, in_names: Sequence[str], in_roles: Sequence[Role],
-                   remat: bool) -> Graph:
+    def _sub_graph(
+        self, closed: Any, in_names: Sequence[str], in_roles: Sequence[Role], remat: bool
+    ) -> Graph:
         sub = _Builder(self.counters)
         env: dict[Any, int] = {}
         ids = []
@@ -214,23 +235,41 @@ class _Builder:
         outs = self._outvars(eqn, env, scope)
         params = {k: p[k] for k in ("num_consts", "num_carry", "length", "reverse", "unroll") if k in p}
         self.ops.append(
-            Op(len(self.ops), "scan", tuple(ins), tuple(outs), params, body=(body,),
-               trip_count=int(p["length"]), remat=remat, scope=scope, prim=eqn.primitive,
-               bind_params=p)
+            Op(
+                len(self.ops),
+                "scan",
+                tuple(ins),
+                tuple(outs),
+                params,
+                body=(body,),
+                trip_count=int(p["length"]),
+                remat=remat,
+                scope=scope,
+                prim=eqn.primitive,
+                bind_params=p,
+            )
         )
 
     def _cond(self, eqn: Any, env: dict[Any, int], remat: bool) -> None:
         ins = [self.read(env, a) for a in eqn.invars]
         names = [self.values[i][0] for i in ins[1:]]
         roles = [self.values[i][2] for i in ins[1:]]
-        branches = tuple(
-            self._sub_graph(br, names, roles, remat) for br in eqn.params["branches"]
-        )
+        branches = tuple(self._sub_graph(br, names, roles, remat) for br in eqn.params["branches"])
         scope = str(eqn.source_info.name_stack)
         outs = self._outvars(eqn, env, scope)
         self.ops.append(
-            Op(len(self.ops), "cond", tuple(ins), tuple(outs), {}, body=branches, remat=remat, scope=scope,
-               prim=eqn.primitive, bind_params=eqn.params)
+            Op(
+                len(self.ops),
+                "cond",
+                tuple(ins),
+                tuple(outs),
+                {},
+                body=branches,
+                remat=remat,
+                scope=scope,
+                prim=eqn.primitive,
+                bind_params=eqn.params,
+            )
         )
 
 

@@ -89,9 +89,7 @@ def _param_names(fn: Callable[..., Any], n: int) -> tuple[str, ...]:
         params = list(inspect.signature(fn).parameters.values())
     except (TypeError, ValueError):
         params = []
-    names = [
-        p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-    ][:n]
+    names = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][:n]
     return tuple(names) + tuple(f"arg{i}" for i in range(len(names), n))
 
 

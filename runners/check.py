@@ -60,8 +60,11 @@ def device_bytes(v: Verification) -> int:
 def provenance_for(workload: Workload, graph: Graph, **fields) -> Provenance:
     """Provenance naming the tool version, the model fingerprint and how to rebuild the workload."""
     return Provenance(
-        tool_version=tool_version(), fingerprint=workload.fingerprint(), workload=workload.source,
-        unruled_primitives=graph.unruled, **fields,
+        tool_version=tool_version(),
+        fingerprint=workload.fingerprint(),
+        workload=workload.source,
+        unruled_primitives=graph.unruled,
+        **fields,
     )
 
 

@@ -166,8 +166,9 @@ def verify(
                 "Pass execute=False (compile-only), or give the Workload an init(seed)."
             )
         host = [np.asarray(x) for x in jax.tree.leaves(workload.init(seed))]
-        ref = jax.jit(lambda *a: jax.tree.leaves(workload.fn(*jax.tree.unflatten(
-            jax.tree.structure(workload.args), a))))(*host)
+        ref = jax.jit(
+            lambda *a: jax.tree.leaves(workload.fn(*jax.tree.unflatten(jax.tree.structure(workload.args), a)))
+        )(*host)
         in_sh = [named(mesh, prop.shardings[i]) for i in prop.graph.inputs]
         times = []
         out = None
@@ -180,8 +181,16 @@ def verify(
         step_time = statistics.median(times)
         max_error, ok = _max_error(out, ref)
     return Verification(
-        mode, execute, max_error, ok, prop.collectives, hlo_colls, compare(prop.collectives, hlo_colls),
-        memory, flops, step_time,
+        mode,
+        execute,
+        max_error,
+        ok,
+        prop.collectives,
+        hlo_colls,
+        compare(prop.collectives, hlo_colls),
+        memory,
+        flops,
+        step_time,
     )
 
 

@@ -1,0 +1,162 @@
+"""Propagation as tables: input shardings -> result sharding and the collectives they cost."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.ad_checkpoint import checkpoint_name
+
+from ir.comm import CollectiveKind as K
+from ir.graph import Value
+from ir.propagate import propagate, reshard
+from ir.sharding import MeshShape, Sharding
+from ir.trace import trace
+from ir.workload import Workload
+
+MESH = MeshShape(("data", "model"), (2, 4))
+F32 = jnp.float32
+
+
+def S(*spec, partial=()):
+    return Sharding(tuple(() if a is None else (a,) if isinstance(a, str) else tuple(a) for a in spec),
+                    frozenset(partial))
+
+
+def _key(c):
+    return (c[0].value, c[1], c[2])
+
+
+def _run(fn, shapes, in_specs, **kw):
+    args = tuple(jax.ShapeDtypeStruct(s, F32) for s in shapes)
+    names = ("batch", "params", "opt_state")[: len(shapes)]  # roles: batch-derived values win conflicts
+    g = trace(Workload(fn, args, arg_names=names))
+    prop = propagate(g, MESH, {i: s for i, s in zip(g.inputs, in_specs, strict=True)}, **kw)
+    colls = sorted(((c.kind, c.axes, c.bytes) for c in prop.collectives), key=_key)
+    return g, prop, colls
+
+
+CASES = [
+    # name, fn, shapes, input shardings, result sharding, collectives (kind, axes, bytes per device)
+    (
+        "matmul batch-sharded",
+        lambda x, w: x @ w,
+        [(8, 16), (16, 32)],
+        [S("data", None), S(None, None)],
+        S("data", None),
+        [],
+    ),
+    (
+        "matmul contraction-sharded: all-reduce of the result",
+        lambda x, w: x @ w,
+        [(8, 16), (16, 32)],
+        [S(None, "model"), S("model", None)],
+        S(None, None),
+        [(K.ALL_REDUCE, ("model",), 8 * 32 * 4)],
+    ),
+    (
+        "column-parallel: output sharded like the weight",
+        lambda x, w: x @ w,
+        [(8, 16), (16, 32)],
+        [S("data", None), S(None, "model")],
+        S("data", "model"),
+        [],
+    ),
+    (
+        "FSDP conflict: the batch stays, the weight is gathered",
+        lambda x, w: x @ w,
+        [(8, 16), (16, 32)],
+        [S("data", None), S("data", None)],
+        S("data", None),
+        [(K.ALL_GATHER, ("data",), 16 * 32 * 4)],
+    ),
+    (
+        "elementwise operands that disagree: all-to-all",
+        lambda a, b: a + b,
+        [(8, 16), (8, 16)],
+        [S("model", None), S(None, "model")],
+        S("model", None),
+        [(K.ALL_TO_ALL, ("model",), 8 * 16 * 4 // 4)],
+    ),
+    (
+        "split heads keeps the sharding on the heads factor",
+        lambda x: x.reshape(8, 4, 16),
+        [(8, 64)],
+        [S(None, "model")],
+        S(None, "model", None),
+        [],
+    ),
+    (
+        "sum over a sharded dim leaves a partial, all-reduced at the output",
+        lambda x: x.sum(axis=1),
+        [(8, 64)],
+        [S("data", "model")],
+        S("data"),
+        [(K.ALL_REDUCE, ("model",), 8 * 4 // 2)],
+    ),
+    (
+        "two mesh axes on one dim",
+        lambda x, w: x @ w,
+        [(8, 16), (16, 32)],
+        [S(("data", "model"), None), S(None, None)],
+        S(("data", "model"), None),
+        [],
+    ),
+]
+
+
+@pytest.mark.parametrize("name,fn,shapes,ins,out,colls", CASES, ids=[c[0] for c in CASES])
+def test_propagation_table(name, fn, shapes, ins, out, colls):
+    g, prop, got = _run(fn, shapes, ins)
+    assert prop.outputs[0] == out
+    assert got == sorted(colls, key=_key)
+
+
+def test_partial_sum_resolved_by_reduce_scatter_when_the_reader_wants_it_sharded():
+    """The DP gradient meeting a sharded optimizer state: reduce-scatter, not all-reduce."""
+
+    def f(x, dy, mu):
+        grad = x.T @ dy  # contracts the batch: partial over data
+        return mu + grad
+
+    g, prop, colls = _run(f, [(8, 16), (8, 32), (16, 32)], [S("data", None), S("data", None), S("data", None)])
+    assert colls == [(K.REDUCE_SCATTER, ("data",), 16 * 32 * 4)]
+    assert prop.outputs[0] == S("data", None)
+
+
+def test_named_constraint_reshards_the_value():
+    def f(x, w):
+        return checkpoint_name(x @ w, "h") * 2.0
+
+    def constraint(v: Value):
+        return S(None, "model") if v.name == "activations/h/0" else None
+
+    g, prop, colls = _run(f, [(8, 16), (16, 32)], [S("data", None), S(None, None)], constraint=constraint)
+    assert prop.outputs[0] == S(None, "model")
+    assert colls == [(K.ALL_GATHER, ("data",), 8 * 32 * 4 // 4)]
+
+
+def test_scan_body_collectives_count_each_trip():
+    def f(ws, x):
+        return jax.lax.scan(lambda c, w: (jnp.tanh(c @ w), None), x, ws)[0]
+
+    g, prop, _ = _run(f, [(3, 16, 16), (8, 16)], [S(None, "model", None), S("data", None)])
+    (ar,) = [c for c in prop.collectives if c.kind is K.ALL_REDUCE]
+    assert (ar.axes, ar.count, ar.total_bytes) == (("model",), 3, 3 * 4 * 16 * 4)
+
+
+@pytest.mark.parametrize(
+    "have,want,expect",
+    [
+        (S("data", None), S(None, None), [(K.ALL_GATHER, ("data",), 8 * 16 * 4)]),
+        (S(("data", "model"), None), S("data", None), [(K.ALL_GATHER, ("model",), 4 * 16 * 4)]),
+        (S(None, None), S("data", "model"), []),
+        (S(None, None, partial=("data",)), S("data", None), [(K.REDUCE_SCATTER, ("data",), 8 * 16 * 4)]),
+        (S(None, None, partial=("data", "model")), S(None, None), [(K.ALL_REDUCE, ("data", "model"), 512)]),
+        (S("model", None), S(None, "model"), [(K.ALL_TO_ALL, ("model",), 2 * 16 * 4)]),
+    ],
+)
+def test_reshard_table(have, want, expect):
+    v = Value(0, "t", (8, 16), "float32", None)
+    colls, _ = reshard(v, have, want, MESH)
+    assert [(c.kind, c.axes, c.bytes) for c in colls] == expect
