@@ -19,8 +19,9 @@ F32 = jnp.float32
 
 
 def S(*spec, partial=()):
-    return Sharding(tuple(() if a is None else (a,) if isinstance(a, str) else tuple(a) for a in spec),
-                    frozenset(partial))
+    return Sharding(
+        tuple(() if a is None else (a,) if isinstance(a, str) else tuple(a) for a in spec), frozenset(partial)
+    )
 
 
 def _key(c):
@@ -119,7 +120,9 @@ def test_partial_sum_resolved_by_reduce_scatter_when_the_reader_wants_it_sharded
         grad = x.T @ dy  # contracts the batch: partial over data
         return mu + grad
 
-    g, prop, colls = _run(f, [(8, 16), (8, 32), (16, 32)], [S("data", None), S("data", None), S("data", None)])
+    g, prop, colls = _run(
+        f, [(8, 16), (8, 32), (16, 32)], [S("data", None), S("data", None), S("data", None)]
+    )
     assert colls == [(K.REDUCE_SCATTER, ("data",), 16 * 32 * 4)]
     assert prop.outputs[0] == S("data", None)
 

@@ -10,7 +10,13 @@ DOT = {"dimension_numbers": (((1,), (0,)), ((), ()))}
 
 CASES = [
     # (primitive, operand shapes, result shapes, params, golden)
-    ("dot_general", [(8, 32), (32, 16)], [(8, 16)], DOT, "([i, j], [j, k])->([i, k]) {i=8, j=32, k=16} reduction={j}"),
+    (
+        "dot_general",
+        [(8, 32), (32, 16)],
+        [(8, 16)],
+        DOT,
+        "([i, j], [j, k])->([i, k]) {i=8, j=32, k=16} reduction={j}",
+    ),
     (
         "dot_general",
         [(2, 8, 32), (2, 32, 16)],
@@ -29,9 +35,21 @@ CASES = [
     ("add", [(8, 64), (8, 64)], [(8, 64)], {}, "([i, j], [i, j])->([i, j]) {i=8, j=64}"),
     ("mul", [(), (8, 64)], [(8, 64)], {}, "([], [i, j])->([i, j]) {i=8, j=64}"),
     ("reduce_sum", [(8, 64)], [(8,)], {"axes": (1,)}, "([i, j])->([i]) {i=8, j=64} reduction={j}"),
-    ("reduce_max", [(8, 4, 16)], [(8, 16)], {"axes": (1,)}, "([i, j, k])->([i, k]) {i=8, j=4, k=16} reduction={j}"),
+    (
+        "reduce_max",
+        [(8, 4, 16)],
+        [(8, 16)],
+        {"axes": (1,)},
+        "([i, j, k])->([i, k]) {i=8, j=4, k=16} reduction={j}",
+    ),
     ("argmax", [(8, 64)], [(8,)], {"axes": (1,)}, "([i, j])->([i]) {i=8, j=64} local={j}"),
-    ("transpose", [(8, 4, 16)], [(4, 16, 8)], {"permutation": (1, 2, 0)}, "([i, j, k])->([j, k, i]) {i=8, j=4, k=16}"),
+    (
+        "transpose",
+        [(8, 4, 16)],
+        [(4, 16, 8)],
+        {"permutation": (1, 2, 0)},
+        "([i, j, k])->([j, k, i]) {i=8, j=4, k=16}",
+    ),
     (
         "broadcast_in_dim",
         [(8,)],
