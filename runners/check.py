@@ -13,7 +13,7 @@ from ir.propagate import propagate_plan
 from ir.sharding import MeshShape, ShardingError
 from ir.trace import trace
 from ir.workload import Workload
-from runners.execute import Verification, verify
+from runners.execute import Verification, reference_outputs, verify
 from runners.program import Mode
 from search.baselines import baseline_plans
 
@@ -46,9 +46,9 @@ def check_mesh(mesh: MeshShape, devices: Sequence[jax.Device] | None = None) -> 
     n = len(devices if devices is not None else jax.devices())
     if mesh.size != n:
         raise MeshMismatchError(
-            f"mesh {mesh} has {mesh.size} devices but {n} are available; use a mesh whose axis sizes "
+            f"mesh {mesh} needs {mesh.size} devices but {n} are available; use a mesh whose axis sizes "
             f"multiply to {n}, or on CPU set XLA_FLAGS=--xla_force_host_platform_device_count={mesh.size} "
-            "before starting."
+            "before JAX starts."
         )
 
 
@@ -80,11 +80,12 @@ def check_plans(
 ) -> list[PlanCheck]:
     """Verifies each named plan in each mode. `execute=False` compiles only (any model size)."""
     graph = graph or trace(workload)
+    reference = reference_outputs(workload) if execute and workload.init is not None else None
     out = []
     for name, plan in plans:
         prop = propagate_plan(graph, plan)
         for mode in modes:
-            v = verify(workload, prop, mode, execute=execute, repeats=repeats)
+            v = verify(workload, prop, mode, execute=execute, repeats=repeats, reference=reference)
             total = device_bytes(v)
             fits = memory_limit is None or total <= memory_limit
             out.append(PlanCheck(name, plan, v, fits, total))

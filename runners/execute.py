@@ -6,7 +6,7 @@ import dataclasses
 import math
 import statistics
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -15,7 +15,7 @@ import numpy as np
 from ir.comm import Collective, CollectiveKind, bytes_by_kind_axes
 from ir.graph import Graph
 from ir.propagate import Propagation
-from ir.workload import Workload
+from ir.workload import Workload, WorkloadError
 from runners.hlo import collectives_from_hlo
 from runners.program import Mode, constrained_fn, make_mesh, named
 
@@ -59,6 +59,7 @@ class Verification:
       memory: XLA's memory_analysis() per device in bytes (argument, output, alias, temp).
       flops: XLA's cost_analysis() FLOPs per device.
       step_time_s: median measured step time (NaN when not executed).
+      output_errors: per flattened output, its difference relative to scale (empty when not executed).
     """
 
     mode: Mode
@@ -71,6 +72,7 @@ class Verification:
     memory: Mapping[str, int]
     flops: float
     step_time_s: float
+    output_errors: tuple[float, ...] = ()
 
     @property
     def agreement(self) -> float:
@@ -133,6 +135,7 @@ def verify(
     execute: bool = True,
     seed: int = 0,
     repeats: int = 3,
+    reference: Sequence[np.ndarray] | None = None,
 ) -> Verification:
     """Compiles the plan's program; with `execute`, runs it and the unsharded step on real inputs.
 
@@ -143,6 +146,7 @@ def verify(
       execute: False compiles from ShapeDtypeStructs only, allocating nothing (any model size).
       seed: seed for `workload.init`.
       repeats: timed runs (the median is reported).
+      reference: the unsharded step's flat outputs on `init(seed)` (computed when None).
     """
     jitted, mesh = jit_plan(workload, prop, mode)
     flat_abstract = jax.tree.leaves(workload.abstract_args)
@@ -158,17 +162,16 @@ def verify(
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     flops = float(cost.get("flops", 0.0)) if cost else 0.0
-    max_error, ok, step_time = math.nan, True, math.nan
+    max_error, ok, step_time, errors = math.nan, True, math.nan, ()
     if execute:
         if workload.init is None:
-            raise ValueError(
-                f"workload {workload.source or workload.fn!r} has no init(); it can only be compiled. "
-                "Pass execute=False (compile-only), or give the Workload an init(seed)."
+            raise WorkloadError(
+                f"workload {workload.source or workload.fn!r} has no init(seed) to make real inputs, so "
+                "it can only be compiled; pass --compile-only (execute=False), or return a Workload "
+                "with an init(seed)."
             )
         host = [np.asarray(x) for x in jax.tree.leaves(workload.init(seed))]
-        ref = jax.jit(
-            lambda *a: jax.tree.leaves(workload.fn(*jax.tree.unflatten(jax.tree.structure(workload.args), a)))
-        )(*host)
+        ref = reference if reference is not None else reference_outputs(workload, seed)
         in_sh = [named(mesh, prop.shardings[i]) for i in prop.graph.inputs]
         times = []
         out = None
@@ -179,7 +182,8 @@ def verify(
             out = jax.block_until_ready(compiled(*args))
             times.append(time.perf_counter() - t0)
         step_time = statistics.median(times)
-        max_error, ok = _max_error(out, ref)
+        errors, ok = _errors(out, ref)
+        max_error = max(errors, default=0.0)
     return Verification(
         mode,
         execute,
@@ -191,23 +195,33 @@ def verify(
         memory,
         flops,
         step_time,
+        tuple(errors),
     )
 
 
-def _max_error(out, ref) -> tuple[float, bool]:
-    worst, ok = 0.0, True
+def reference_outputs(workload: Workload, seed: int = 0) -> list[np.ndarray]:
+    """The unsharded step's flattened outputs on `workload.init(seed)`, on one device."""
+    host = [np.asarray(x) for x in jax.tree.leaves(workload.init(seed))]
+    treedef = jax.tree.structure(workload.args)
+    out = jax.jit(lambda *a: jax.tree.leaves(workload.fn(*jax.tree.unflatten(treedef, a))))(*host)
+    return [np.asarray(x) for x in out]
+
+
+def _errors(out, ref) -> tuple[list[float], bool]:
+    """Per output, max |sharded - unsharded| / max(1, max |unsharded|); and whether all are in tolerance."""
+    errors, ok = [], True
     for a, b in zip(out, ref, strict=True):
-        a = np.asarray(a, dtype=np.float64) if np.issubdtype(np.asarray(a).dtype, np.number) else None
-        if a is None or a.size == 0:
-            continue
         b_arr = np.asarray(b)
+        if b_arr.size == 0 or not np.issubdtype(b_arr.dtype, np.number):
+            errors.append(0.0)
+            continue
         b64 = b_arr.astype(np.float64)
         scale = max(1.0, float(np.max(np.abs(b64))))
-        err = float(np.max(np.abs(a - b64))) / scale
-        worst = max(worst, err)
+        err = float(np.max(np.abs(np.asarray(a, dtype=np.float64) - b64))) / scale
+        errors.append(err)
         if not err <= TOLERANCE.get(str(b_arr.dtype), 0.0 if b_arr.dtype.kind in "iub" else 2e-3):
             ok = False
-    return worst, ok
+    return errors, ok
 
 
 def input_tree_shardings(workload: Workload, prop: Propagation, mesh: jax.sharding.Mesh) -> tuple[Any, ...]:
