@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
 
 from ir.graph import Role, Value
-from ir.plan import Plan, param_index
+from ir.plan import Plan, PlanError, param_index
 from ir.plan_yaml import check_fingerprint, load_plan_file
 from ir.propagate import propagate_plan
-from ir.sharding import MeshShape
+from ir.sharding import MeshShape, ShardingError
 from ir.trace import path_str, trace
 from ir.workload import Workload, role_for_arg
-from runners.check import check_mesh
+from runners.check import MeshMismatchError, check_mesh
 from runners.execute import flat_donation
 from runners.program import constrained_fn, make_mesh, named
 
@@ -44,7 +46,14 @@ class LoadedPlan:
         check_mesh(self.plan.mesh, devices)
         return make_mesh(self.plan.mesh, devices)
 
-    def jit(self, step: Callable[..., Any], *, donate_argnums: Sequence[int] = (), devices=None):
+    def jit(
+        self,
+        step: Callable[..., Any],
+        *,
+        donate_argnums: Sequence[int] = (),
+        devices=None,
+        arg_names: Sequence[str] = (),
+    ):
         """`step` compiled under the plan in the constrained mode.
 
         Every value the plan's propagation decides is pinned with a sharding constraint, so the
@@ -57,6 +66,8 @@ class LoadedPlan:
             `ir.workload.role_for_arg`), so they should match the names the plan was made with.
           donate_argnums: arguments whose buffers the step may reuse (e.g. (0, 1)).
           devices: devices to lay the mesh over (default: all local devices).
+          arg_names: the names the plan knows the arguments by, e.g. ('params', 'opt_state',
+            'batch'), when `step`'s own parameter names differ (default: `step`'s names).
         """
         mesh = self.mesh(devices)
         cache: dict[Any, Any] = {}
@@ -65,12 +76,19 @@ class LoadedPlan:
             abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), args)
             key = (jax.tree.structure(abstract), tuple((a.shape, a.dtype) for a in jax.tree.leaves(abstract)))
             if key not in cache:
-                workload = Workload(step, abstract, donate_argnums=tuple(donate_argnums))
+                workload = Workload(
+                    step, abstract, donate_argnums=tuple(donate_argnums), arg_names=tuple(arg_names)
+                )
                 graph = trace(workload)
                 check_fingerprint(
-                    self.plan, workload.fingerprint(), allow_mismatch=self.allow_fingerprint_mismatch
+                    self.plan,
+                    workload.fingerprint(),
+                    allow_mismatch=self.allow_fingerprint_mismatch,
+                    source=self._source,
+                    remedy="load it with load_plan(path, allow_fingerprint_mismatch=True)",
                 )
-                prop = propagate_plan(graph, self.plan)
+                with self._naming_file():
+                    prop = propagate_plan(graph, self.plan)
                 in_sh = [named(mesh, prop.shardings[i]) for i in graph.inputs]
                 out_sh = [named(mesh, s) for s in prop.outputs]
                 fn = jax.jit(
@@ -109,7 +127,7 @@ class LoadedPlan:
             got = MeshShape(tuple(mesh.axis_names), tuple(mesh.devices.shape))
             if (got.axes, got.shape) != (self.plan.mesh.axes, self.plan.mesh.shape):
                 check_mesh(self.plan.mesh, list(mesh.devices.flat))
-                raise ValueError(
+                raise MeshMismatchError(
                     f"mesh {got} differs from the plan's mesh {self.plan.mesh}; build the mesh with "
                     "LoadedPlan.mesh(devices) or give the same axis names and sizes."
                 )
@@ -136,10 +154,23 @@ class LoadedPlan:
             )
         index = param_index([v for vs in values for v in vs if v.role is Role.PARAM])
         out = []
-        for (_, sub), vs in zip(named_trees, values, strict=True):
-            flat = [named(mesh, self.plan.input_sharding(v, params=index)) for v in vs]
-            out.append(jax.tree.unflatten(jax.tree.structure(sub), flat))
+        with self._naming_file():
+            for (_, sub), vs in zip(named_trees, values, strict=True):
+                flat = [named(mesh, self.plan.input_sharding(v, params=index)) for v in vs]
+                out.append(jax.tree.unflatten(jax.tree.structure(sub), flat))
         return out[0] if prefix is not None else tuple(out)
+
+    @property
+    def _source(self) -> str:
+        return os.path.basename(self.path) if self.path else "plan"
+
+    @contextlib.contextmanager
+    def _naming_file(self) -> Iterator[None]:
+        """Re-raises a plan that does not fit the step's tensors with the plan file's name in front."""
+        try:
+            yield
+        except (PlanError, ShardingError) as e:
+            raise PlanError(f"{self._source}: {e}", tensor=getattr(e, "tensor", "")) from None
 
 
 def load_plan(path: str, *, allow_fingerprint_mismatch: bool = False) -> LoadedPlan:

@@ -99,16 +99,27 @@ def cmd_verify(args) -> int:
             f"{args.plan} does not record its workload (provenance.workload); pass --model NAME or "
             "--model package.module:function."
         )
+    name = os.path.basename(args.plan)
     w = resolve(source)
-    check_fingerprint(plan, w.fingerprint(), allow_mismatch=args.allow_fingerprint_mismatch)
-    check_mesh(plan.mesh)
-    checks = check_plans(
-        w,
-        [(os.path.basename(args.plan), plan)],
-        modes=_modes(args.mode),
-        execute=not args.compile_only,
-        memory_limit=args.memory_limit,
+    check_fingerprint(
+        plan,
+        w.fingerprint(),
+        allow_mismatch=args.allow_fingerprint_mismatch,
+        source=name,
+        model=w.source,
     )
+    check_mesh(plan.mesh)
+    try:
+        checks = check_plans(
+            w,
+            [(name, plan)],
+            modes=_modes(args.mode),
+            execute=not args.compile_only,
+            memory_limit=args.memory_limit,
+        )
+    except (PlanError, ShardingError) as e:
+        # The plan read fine but does not fit this model's tensors: say which file.
+        raise PlanError(f"{name}: {e}", tensor=getattr(e, "tensor", "")) from None
     _report(f"{args.plan} ({w.source}) on mesh {plan.mesh}", checks, args)
     return 0
 
@@ -146,9 +157,12 @@ def check_rows(checks: Sequence[PlanCheck]) -> list[dict]:
 def _report(title: str, checks: Sequence[PlanCheck], args) -> None:
     rows = check_rows(checks)
     if args.json:
-        emit_json({"title": title, "rows": rows})
+        unruled = list(checks[0].plan.provenance.unruled_primitives) if checks else []
+        emit_json({"title": title, "unruled_primitives": unruled, "rows": rows})
         return
     print(title)
+    unruled = checks[0].plan.provenance.unruled_primitives if checks else ()
+    print("primitives without a factor rule (conservative rule used): " + (", ".join(unruled) or "none"))
     head = (
         f"{'plan':<10} {'mode':<12} {'fits':<5} {'mem/device':>11} {'max err':>9} {'agree':>7}  "
         f"collectives per device: predicted / compiled"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+
 from ir.workload import Workload, WorkloadError, load_entry_point
 from models import hf, registry
 
@@ -33,8 +35,11 @@ def resolve(spec: str, size: str | None = None, *, scan: bool = False) -> Worklo
     for name in registry.names():  # sizes that carry their family's name, e.g. 'gpt2-xl'
         if spec in registry.sizes(name):
             return registry.get(name, spec, scan=scan)
-    known = ", ".join((*registry.names(), *hf.names()))
+    names = (*registry.names(), *hf.names())
+    spelled = [*names, *(f"{n}-{s}" for n in registry.names() for s in registry.sizes(n))]
+    close = difflib.get_close_matches(spec, spelled, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
     raise WorkloadError(
-        f"unknown model {spec!r}; use a built-in model ({known}), NAME-SIZE such as llama-8b, or an "
-        "entry point 'package.module:function'."
+        f"unknown model {spec!r}{hint}; use a built-in model ({', '.join(names)}), NAME-SIZE such as "
+        "llama-8b, or an entry point 'package.module:function'."
     )

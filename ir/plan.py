@@ -400,7 +400,8 @@ class Plan:
         try:
             sharding.check(shape, self.mesh, name)
         except ShardingError as e:
-            _fail(f"{e} (set by {section} rule {i + 1} {rule})", tensor=name)
+            origin = f"set by {section} rule {i + 1} {rule}"
+            _fail(f"{e.problem} ({origin}). {e.fix}" if e.fix else f"{e} ({origin})", tensor=name)
         return sharding
 
     def _follow(

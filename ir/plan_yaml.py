@@ -174,8 +174,18 @@ def save_plan_file(plan: Plan, path: str | os.PathLike[str]) -> None:
 
 def load_plan_file(path: str | os.PathLike[str]) -> Plan:
     """Reads and validates a plan file; errors name the file (by its base name)."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise PlanError(
+            f"plan file {os.fspath(path)!r} does not exist; check the path, or write a plan with "
+            "auto-partition baselines MODEL --mesh data=2,model=4 --save DIR."
+        ) from None
+    except IsADirectoryError:
+        raise PlanError(
+            f"plan file {os.fspath(path)!r} is a directory; name a .yaml file inside it."
+        ) from None
     return plan_from_yaml(text, source=os.path.basename(os.fspath(path)))
 
 
@@ -262,18 +272,36 @@ def plan_from_dict(doc: Any, *, source: str = "plan.yaml") -> Plan:
 
 
 def check_fingerprint(
-    plan: Plan, fingerprint: str, allow_mismatch: bool = False, *, source: str = "plan.yaml"
+    plan: Plan,
+    fingerprint: str,
+    allow_mismatch: bool = False,
+    *,
+    source: str = "plan.yaml",
+    model: str = "",
+    remedy: str = "pass --allow-fingerprint-mismatch",
 ) -> None:
-    """Raises PlanError when the plan was made for a model with other input shapes or dtypes.
+    """Raises PlanError when the plan was made for a model with other input names, shapes or dtypes.
 
     A plan without a recorded fingerprint (hand-written) passes.
+
+    Args:
+      plan: the plan.
+      fingerprint: `Workload.fingerprint()` of the model it is about to apply to.
+      allow_mismatch: apply it anyway.
+      source: the plan's file name, for the message.
+      model: the model's source ('builtin:gpt:tiny', ...), for the message.
+      remedy: how the caller allows a mismatch (a CLI flag or a keyword argument).
     """
     made_for = plan.provenance.fingerprint
     if made_for and made_for != fingerprint and not allow_mismatch:
+        plan_model = plan.provenance.workload
+        made = (
+            f"{plan_model} (fingerprint {made_for})" if plan_model else f"a model with fingerprint {made_for}"
+        )
+        given = f"the model given ({model})" if model else "the model given"
         raise PlanError(
-            f"{source} was made for a model with fingerprint {made_for} but this model has {fingerprint} "
-            "(its input shapes or dtypes differ); re-run the search for this model, or pass "
-            "--allow-fingerprint-mismatch."
+            f"{source} was made for {made}, but {given} has fingerprint {fingerprint} (its input names, "
+            f"shapes or dtypes differ); re-run the search for this model, or {remedy} to apply it anyway."
         )
 
 

@@ -18,17 +18,32 @@ class LinkKind(enum.Enum):
 class ShardingError(ValueError):
     """A sharding that cannot apply to its tensor or mesh.
 
+    The message is `problem` and, when given, `fix` as a separate sentence, so a caller can add
+    where the sharding came from between the two.
+
     Attributes:
       tensor: the tensor's name ('' when unknown).
       dim: the offending dimension, or None.
       axis: the offending mesh axis, or None.
+      problem: what is wrong, without the remedy.
+      fix: the remedy ('' when it is part of `problem`).
     """
 
-    def __init__(self, message: str, *, tensor: str = "", dim: int | None = None, axis: str | None = None):
-        super().__init__(message)
+    def __init__(
+        self,
+        message: str,
+        *,
+        tensor: str = "",
+        dim: int | None = None,
+        axis: str | None = None,
+        fix: str = "",
+    ):
+        super().__init__(f"{message}. {fix}" if fix else message)
         self.tensor = tensor
         self.dim = dim
         self.axis = axis
+        self.problem = message
+        self.fix = fix
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -95,6 +110,18 @@ class MeshShape:
 
 
 DimSharding = tuple[str, ...]  # mesh axes of one tensor dim, major to minor; () = not sharded
+
+
+def describe_axes(axes: Sequence[str], mesh: MeshShape) -> str:
+    """Mesh axes with their sizes, for messages.
+
+    ("model",) → "mesh axis 'model' (size 4)"; ("data", "model") → "mesh axes 'data' × 'model'
+    (size 2 × 4 = 8)".
+    """
+    if len(axes) == 1:
+        return f"mesh axis {axes[0]!r} (size {mesh.axis_size(axes[0])})"
+    sizes = " × ".join(str(mesh.axis_size(a)) for a in axes)
+    return f"mesh axes {' × '.join(repr(a) for a in axes)} (size {sizes} = {mesh.axes_size(axes)})"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -183,12 +210,12 @@ class Sharding:
             n = mesh.axes_size(axes)
             if size % n:
                 raise ShardingError(
-                    f"{where}dim {dim} (size {size}) is sharded over mesh axes {axes} of size {n}, "
-                    f"and {n} does not divide {size}. Use a mesh axis size that divides it, or leave "
-                    "this dim unsharded.",
+                    f"{where}dim {dim} (size {size}) is sharded over {describe_axes(axes, mesh)}, "
+                    f"and {n} does not divide {size}",
                     tensor=tensor,
                     dim=dim,
                     axis=axes[-1] if axes else None,
+                    fix="Use a mesh axis size that divides it, or leave this dim unsharded.",
                 )
         for axis in self.partial:
             if axis not in mesh.axes:

@@ -7,6 +7,7 @@ import hashlib
 import importlib
 import inspect
 import re
+import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -103,10 +104,19 @@ def load_entry_point(spec: str) -> Workload:
         )
     try:
         module = importlib.import_module(module_name)
-    except ImportError as e:
+    except ModuleNotFoundError as e:
+        if e.name and (module_name == e.name or module_name.startswith(e.name + ".")):
+            raise WorkloadError(
+                f"entry point {spec!r}: module {module_name!r} does not import ({e}). Check the module "
+                "path and that its directory is on PYTHONPATH."
+            ) from None
         raise WorkloadError(
-            f"entry point {spec!r}: module {module_name!r} does not import ({e}). Check the module "
-            "path and that its directory is on PYTHONPATH."
+            f"entry point {spec!r}: module {module_name!r} does not import: {_raised(e)}; install the "
+            "missing package or fix the import."
+        ) from None
+    except Exception as e:  # the user's module failed while importing: report where, not a traceback
+        raise WorkloadError(
+            f"entry point {spec!r}: module {module_name!r} does not import: {_raised(e)}; fix the error there."
         ) from None
     factory = getattr(module, attr, None)
     if factory is None or not callable(factory):
@@ -114,7 +124,13 @@ def load_entry_point(spec: str) -> Workload:
             f"entry point {spec!r}: module {module_name!r} has no callable {attr!r}; name a function "
             "that returns a Workload or a (fn, args) tuple."
         )
-    made = factory()
+    try:
+        made = factory()
+    except Exception as e:  # the user's factory failed: report where, not a traceback
+        raise WorkloadError(
+            f"entry point {spec!r} failed when called: {_raised(e)}; fix the function so it returns a "
+            "Workload or a (fn, args) tuple."
+        ) from None
     if isinstance(made, Workload):
         return dataclasses.replace(made, source=made.source or spec)
     if isinstance(made, tuple) and len(made) == 2 and callable(made[0]):
@@ -124,3 +140,16 @@ def load_entry_point(spec: str) -> Workload:
         f"entry point {spec!r} returned {type(made).__name__}; it must return a Workload or a "
         "(fn, args) tuple."
     )
+
+
+def _raised(e: BaseException) -> str:
+    """'ErrorType: message (at file:line)', the innermost frame of `e` (one line, for error messages)."""
+    where = ""
+    if isinstance(e, SyntaxError) and e.filename:
+        where = f" (at {e.filename}:{e.lineno})"
+    else:
+        frames = [f for f in traceback.extract_tb(e.__traceback__) if not f.filename.startswith("<frozen")]
+        if frames:
+            where = f" (at {frames[-1].filename}:{frames[-1].lineno})"
+    text = " ".join(str(e.msg if isinstance(e, SyntaxError) else e).split())
+    return f"{type(e).__name__}: {text}{where}" if text else f"{type(e).__name__}{where}"

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from collections.abc import Iterable, Sequence
 
 import jax
 
-from ir.graph import Graph
+from ir.graph import Graph, Role
 from ir.plan import Plan, Provenance, tool_version
 from ir.propagate import propagate_plan
 from ir.sharding import MeshShape, ShardingError
@@ -15,7 +16,7 @@ from ir.trace import trace
 from ir.workload import Workload
 from runners.execute import Verification, reference_outputs, verify
 from runners.program import Mode
-from search.baselines import baseline_plans
+from search.baselines import STRATEGIES, baseline_plans
 
 
 class MeshMismatchError(ValueError):
@@ -102,10 +103,24 @@ def check_baselines(
 ) -> list[PlanCheck]:
     """Checks every applicable expert strategy (or those named) for the workload on the mesh."""
     check_mesh(mesh)
+    for name in strategies or ():
+        if name not in STRATEGIES:
+            close = difflib.get_close_matches(name, list(STRATEGIES), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ShardingError(
+                f"unknown strategy {name!r}{hint}; the strategies are {', '.join(STRATEGIES)}."
+            )
     graph = trace(workload)
     plans = baseline_plans(graph, mesh, tp_rules=tp_rules, provenance=provenance_for(workload, graph))
+    if not plans:
+        batch = sorted({v.shape[0] for v in graph.input_values() if v.role is Role.BATCH and v.rank})
+        raise ShardingError(
+            f"no strategy applies to {workload.source or 'this model'} on mesh {mesh}: each needs its mesh "
+            f"axes to divide the dims it shards (batch dim 0 is {', '.join(map(str, batch)) or 'absent'}); "
+            "use smaller mesh axes."
+        )
     if strategies is not None:
-        unknown = sorted(set(strategies) - set(plans))
+        unknown = [name for name in strategies if name not in plans]
         if unknown:
             raise ShardingError(
                 f"strategies {unknown} do not apply to this model and mesh; applicable: {sorted(plans)}."

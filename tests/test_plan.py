@@ -188,9 +188,9 @@ def test_indivisible_rule_names_tensor_dim_axis_and_rule():
     with pytest.raises(PlanError) as e:
         plan.input_shardings(llama_graph(ff=126))
     assert str(e.value) == (
-        "params/layers_0/mlp/w_in: dim 1 (size 126) is sharded over mesh axes ('model',) of size 4, "
-        "and 4 does not divide 126. Use a mesh axis size that divides it, or leave this dim unsharded. "
-        "(set by params rule 1 {match: 'params/.*/w_in', spec: [null, model]})"
+        "params/layers_0/mlp/w_in: dim 1 (size 126) is sharded over mesh axis 'model' (size 4), and 4 "
+        "does not divide 126 (set by params rule 1 {match: 'params/.*/w_in', spec: [null, model]}). Use "
+        "a mesh axis size that divides it, or leave this dim unsharded."
     )
 
 
@@ -590,6 +590,7 @@ def test_check_fingerprint():
     with pytest.raises(PlanError) as e:
         check_fingerprint(plan, "bbbb")
     assert str(e.value) == (
-        "plan.yaml was made for a model with fingerprint aaaa but this model has bbbb (its input shapes "
-        "or dtypes differ); re-run the search for this model, or pass --allow-fingerprint-mismatch."
+        "plan.yaml was made for a model with fingerprint aaaa, but the model given has fingerprint bbbb "
+        "(its input names, shapes or dtypes differ); re-run the search for this model, or pass "
+        "--allow-fingerprint-mismatch to apply it anyway."
     )
