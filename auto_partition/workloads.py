@@ -19,7 +19,16 @@ def resolve(spec: str, size: str | None = None, *, scan: bool = False) -> Worklo
         parts = spec.split(":")
         if len(parts) < 3:
             raise WorkloadError(f"model source {spec!r} is not 'builtin:NAME:SIZE[:scan]'.")
-        return registry.get(parts[1], parts[2], scan="scan" in parts[3:])
+        extra = dict(p.split("=", 1) for p in parts[3:] if "=" in p)
+        unknown = sorted(set(extra) - {"batch_size", "seq_len"})
+        if unknown or not all(v.isdigit() for v in extra.values()):
+            raise WorkloadError(
+                f"model source {spec!r} has unknown or non-integer options {sorted(extra)}; "
+                "write e.g. builtin:llama:8b:scan:batch_size=16:seq_len=4096."
+            )
+        return registry.get(
+            parts[1], parts[2], scan="scan" in parts[3:], **{k: int(v) for k, v in extra.items()}
+        )
     if spec.startswith("hf:"):
         parts = spec.split(":")
         return hf.get(parts[1], parts[2] if len(parts) > 2 else "tiny")

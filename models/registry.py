@@ -68,7 +68,7 @@ def get(
     Returns:
       A Workload with `fn = train_step(params, opt_state, batch) -> (params, opt_state, loss)`,
       ShapeDtypeStruct `args`, `donate_argnums=(0, 1)`, `init(seed)` for real random inputs and
-      `source = 'builtin:{name}:{size}'` (plus ':scan').
+      `source = 'builtin:{name}:{size}'` (plus ':scan', ':batch_size=N', ':seq_len=N').
 
     Raises:
       WorkloadError: unknown name or size, scan for a model without it, or an invalid override.
@@ -92,6 +92,8 @@ def get(
         overrides[field] = value
     cfg = dataclasses.replace(cfg, **overrides)
     source = f"builtin:{name}:{size}" + (":scan" if scan else "")
+    # Overrides travel in the source so a plan's workload rebuilds with the same shapes.
+    source += "".join(f":{k}={v}" for k, v in (("batch_size", batch_size), ("seq_len", seq_len)) if v)
     return module.build(cfg, scan=scan, source=source)
 
 

@@ -348,3 +348,11 @@ def test_scan_matches_unrolled(name):
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), scanned["layers"], stacked
     )
+
+
+def test_source_records_shape_overrides_and_rebuilds_the_same_model():
+    from auto_partition.workloads import resolve
+
+    w = registry.get("llama", "tiny", scan=True, batch_size=16, seq_len=64)
+    assert w.source == "builtin:llama:tiny:scan:batch_size=16:seq_len=64"
+    assert resolve(w.source).fingerprint() == w.fingerprint()
