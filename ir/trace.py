@@ -102,13 +102,19 @@ def path_str(path: Sequence[Any]) -> str:
 class _Builder:
     """Accumulates values and ops of one Graph (a scan body or branch gets its own builder)."""
 
-    def __init__(self, counters: dict[str, int] | None = None):
+    def __init__(self, counters: dict[str, int] | None = None, prefix: str = ""):
         # (name, shape, role, dtype) per value; frozen into Values by graph().
         self.values: list[tuple[str, tuple[int, ...], Role, str]] = []
         self.ops: list[Op] = []
         self.unruled: set[str] = set()
         self.consts: dict[int, Any] = {}
         self.counters = counters if counters is not None else {}
+        # A loop or branch body is traced on its own: its name stacks are relative to the loop's.
+        self.prefix = prefix
+
+    def scope(self, eqn: Any) -> str:
+        inner = str(eqn.source_info.name_stack)
+        return "/".join(filter(None, (self.prefix, inner)))
 
     def value(self, name: str, aval: Any, role: Role) -> int:
         self.values.append((name, tuple(int(d) for d in aval.shape), role, str(aval.dtype)))
@@ -169,7 +175,7 @@ class _Builder:
 
     def _primitive(self, eqn: Any, env: dict[Any, int], remat: bool) -> None:
         name = eqn.primitive.name
-        scope = str(eqn.source_info.name_stack)
+        scope = self.scope(eqn)
         ins = [self.read(env, a) for a in eqn.invars]
         outs = self._outvars(eqn, env, scope)
         in_shapes = [self.values[i][1] for i in ins]
@@ -209,9 +215,9 @@ class _Builder:
                 env[var] = self.read(inner, res)
 
     def _sub_graph(
-        self, closed: Any, in_names: Sequence[str], in_roles: Sequence[Role], remat: bool
+        self, closed: Any, in_names: Sequence[str], in_roles: Sequence[Role], remat: bool, scope: str
     ) -> Graph:
-        sub = _Builder(self.counters)
+        sub = _Builder(self.counters, scope)
         env: dict[Any, int] = {}
         ids = []
         for var, name, role in zip(closed.jaxpr.invars, in_names, in_roles, strict=True):
@@ -230,8 +236,8 @@ class _Builder:
         ins = [self.read(env, a) for a in eqn.invars]
         names = [self.values[i][0] for i in ins]
         roles = [self.values[i][2] for i in ins]
-        body = self._sub_graph(p["jaxpr"], names, roles, remat)
-        scope = str(eqn.source_info.name_stack)
+        body = self._sub_graph(p["jaxpr"], names, roles, remat, self.scope(eqn))
+        scope = self.scope(eqn)
         outs = self._outvars(eqn, env, scope)
         params = {k: p[k] for k in ("num_consts", "num_carry", "length", "reverse", "unroll") if k in p}
         self.ops.append(
@@ -254,8 +260,10 @@ class _Builder:
         ins = [self.read(env, a) for a in eqn.invars]
         names = [self.values[i][0] for i in ins[1:]]
         roles = [self.values[i][2] for i in ins[1:]]
-        branches = tuple(self._sub_graph(br, names, roles, remat) for br in eqn.params["branches"])
-        scope = str(eqn.source_info.name_stack)
+        branches = tuple(
+            self._sub_graph(br, names, roles, remat, self.scope(eqn)) for br in eqn.params["branches"]
+        )
+        scope = self.scope(eqn)
         outs = self._outvars(eqn, env, scope)
         self.ops.append(
             Op(

@@ -1,0 +1,161 @@
+"""FLOPs and memory traffic of each op's local shard, and its roofline time.
+
+Counting follows XLA's HloCostAnalysis, so predictions compare with `Compiled.cost_analysis()`:
+a dot or convolution costs 2 FLOPs per multiply-accumulate; an elementwise arithmetic op one
+FLOP per output element; a transcendental (exp, tanh, sqrt, ...) none, counted apart; a
+reduction one per input element it folds away (input minus output elements); data movement
+(reshape, transpose, broadcast, slice, gather, ...) none. Local sizes come from the op's factor
+rule and the mesh axes propagation gave each factor, so nothing here is written per sharding.
+
+Elementwise chains fuse: a value produced by an elementwise op and read only by elementwise ops
+never touches memory; memory traffic is counted where a fusion reads an operand or writes a
+result that leaves it (DESIGN: "bytes counted at fusion boundaries").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from ir.graph import Graph, Op
+from ir.propagate import Propagation
+from ir.rules import ELEMENTWISE
+from ir.sharding import MeshShape
+
+TRANSCENDENTAL = frozenset(
+    "exp exp2 expm1 log log1p tanh logistic sin cos tan asin acos atan atan2 sinh cosh asinh acosh atanh "
+    "sqrt rsqrt cbrt erf erfc erf_inv lgamma digamma pow".split()
+)
+# Elementwise primitives XLA treats as free: no arithmetic, or removed before codegen.
+NO_FLOPS = frozenset(
+    "name copy copy_p stop_gradient optimization_barrier sharding_constraint mesh_cast reshard "
+    "reduce_precision bitcast_convert_type real imag conj".split()
+)
+CONTRACTIONS = frozenset(("dot_general", "conv_general_dilated"))
+REDUCTIONS = frozenset(
+    ("reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "reduce_and", "reduce_or", "reduce_xor")
+)
+FUSIBLE = frozenset(ELEMENTWISE) | {"broadcast_in_dim", "convert_element_type", "iota", "reshape", "squeeze"}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class OpCost:
+    """The cost of one op on one device, per execution.
+
+    Attributes:
+      op: op id in its graph.
+      primitive: the primitive.
+      flops: floating-point operations (XLA's convention, see module doc).
+      transcendentals: transcendental evaluations.
+      bytes: memory traffic at fusion boundaries (operands read, results written).
+      count: executions per step (scan trip counts).
+    """
+
+    op: int
+    primitive: str
+    flops: float
+    transcendentals: float
+    bytes: float
+    count: int = 1
+
+
+def local_sizes(op: Op, factors: tuple[tuple[str, ...], ...], mesh: MeshShape) -> tuple[int, ...]:
+    """The size of each of the op's factors on one device."""
+    return tuple(size // mesh.axes_size(axes) for size, axes in zip(op.rule.sizes, factors, strict=True))
+
+
+def _elements(dims, sizes) -> int:
+    return math.prod(sizes[f] for fs in dims for f in fs)
+
+
+def op_flops(op: Op, sizes: tuple[int, ...]) -> tuple[float, float]:
+    """(flops, transcendentals) of one execution of `op` with local factor `sizes`."""
+    rule = op.rule
+    prim = op.primitive
+    if prim == "dot_general":
+        return 2.0 * math.prod(sizes), 0.0
+    if prim == "conv_general_dilated":
+        # Output elements x (input features x kernel window): the operand-only factors of the kernel.
+        out = _elements(rule.results[0], sizes)
+        out_factors = {f for fs in rule.results[0] for f in fs}
+        window = math.prod(sizes[f] for fs in rule.operands[1] for f in fs if f not in out_factors)
+        return 2.0 * out * window, 0.0
+    if prim in REDUCTIONS:
+        return float(_elements(rule.operands[0], sizes) - _elements(rule.results[0], sizes)), 0.0
+    if prim == "integer_pow":
+        return float(_elements(rule.results[0], sizes)) * _pow_multiplies(op.params["y"]), 0.0
+    if prim == "select_n" or prim in ELEMENTWISE:
+        n = float(_elements(rule.results[0], sizes))
+        if prim in NO_FLOPS:
+            return 0.0, 0.0
+        if prim in TRANSCENDENTAL:
+            return 0.0, n
+        return n, 0.0
+    if prim in ("cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp"):
+        return float(_elements(rule.results[0], sizes)), 0.0
+    return 0.0, 0.0
+
+
+def _pow_multiplies(y: int) -> int:
+    """Multiplies (and one divide for y < 0) of x**y by repeated squaring, as JAX lowers it."""
+    if y == 0:
+        return 0
+    n = abs(int(y))
+    muls = (n.bit_length() - 1) + (bin(n).count("1") - 1)
+    return muls + (1 if y < 0 else 0)
+
+
+def op_costs(prop: Propagation, mult: int = 1, *, recurse: bool = True) -> list[OpCost]:
+    """Cost rows of every op of a propagated graph, and of its bodies when `recurse` (per device)."""
+    g: Graph = prop.graph
+    mesh = prop.mesh
+    out: list[OpCost] = []
+    fused = fused_values(g)
+    for op in g.ops:
+        if op.rule is None:
+            if recurse:
+                for sub in prop.bodies.get(op.id, ()):
+                    out.extend(op_costs(sub, mult * (op.trip_count if op.primitive == "scan" else 1)))
+            continue
+        decided = prop.ops[op.id]
+        sizes = local_sizes(op, decided.factors, mesh)
+        flops, trans = op_flops(op, sizes)
+        traffic = 0.0
+        for vid, dims in zip(op.inputs, op.rule.operands, strict=True):
+            if vid not in fused:
+                traffic += _elements(dims, sizes) * g.values[vid].itemsize
+        for vid, dims in zip(op.outputs, op.rule.results, strict=True):
+            if vid not in fused:
+                traffic += _elements(dims, sizes) * g.values[vid].itemsize
+        out.append(OpCost(op.id, op.primitive, flops, trans, traffic, mult))
+    return out
+
+
+def fused_values(g: Graph) -> frozenset[int]:
+    """Values that live inside a fusion: made by a fusible op and read only by fusible ops."""
+    prims = {op.id: op.primitive for op in g.ops}
+    fused = set()
+    outputs = set(g.outputs)
+    for op in g.ops:
+        if op.primitive not in FUSIBLE:
+            continue
+        for vid in op.outputs:
+            readers = g.consumers.get(vid, ())
+            if vid not in outputs and readers and all(prims[r] in FUSIBLE for r in readers):
+                fused.add(vid)
+    return frozenset(fused)
+
+
+def roofline_time(flops: float, traffic: float, peak_flops: float, bandwidth: float) -> float:
+    """Seconds for one op: the slower of its arithmetic and its memory traffic.
+
+    Args:
+      flops: floating-point operations.
+      traffic: bytes read and written.
+      peak_flops: FLOP/s of the device for the op's dtype.
+      bandwidth: memory bandwidth, B/s.
+    """
+    return max(flops / peak_flops, traffic / bandwidth)
+
+
+__all__ = ["OpCost", "local_sizes", "op_costs", "op_flops", "roofline_time"]
