@@ -91,6 +91,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="verify even if the plan was made for a model with other input shapes",
     )
     run_args(v)
+
+    e = sub.add_parser("explain", help="a plan's predicted step time, communication and memory as tables")
+    e.add_argument("plan", help="plan.yaml")
+    e.add_argument("--hardware", default="h100", help="hardware preset or YAML file (default h100)")
+    e.add_argument("--nodes", type=int, default=None, help="nodes the mesh spans (default: fewest)")
+    e.add_argument("--model", default=None, help="override the workload recorded in the plan")
+    e.add_argument("--allow-fingerprint-mismatch", action="store_true")
+    e.add_argument("--no-overlap", action="store_true", help="expose all communication (pessimistic)")
+    e.add_argument("--all-tensors", action="store_true", help="list optimizer state and other inputs too")
+    e.add_argument("--json", action="store_true")
     return p
 
 

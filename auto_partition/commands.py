@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 from auto_partition.cli import _fmt_bytes, emit_json
 from auto_partition.workloads import resolve
+from cost_model.hardware import HardwareError
 from ir.plan import PlanError
 from ir.plan_yaml import check_fingerprint, load_plan_file, save_plan_file
 from ir.sharding import MeshShape, ShardingError
@@ -20,10 +21,14 @@ from runners.check import MeshMismatchError, PlanCheck, check_baselines, check_m
 from runners.program import Mode
 from search.tactics import TacticError
 
-USER_ERRORS = (ShardingError, PlanError, TacticError, WorkloadError, MeshMismatchError, OSError)
+USER_ERRORS = (ShardingError, PlanError, TacticError, WorkloadError, MeshMismatchError, HardwareError, OSError)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.command == "explain":
+        from auto_partition.explain import cmd_explain
+
+        return cmd_explain(args)
     return {"trace": cmd_trace, "baselines": cmd_baselines, "verify": cmd_verify}[args.command](args)
 
 

@@ -112,6 +112,8 @@ def op_costs(prop: Propagation, mult: int = 1, *, recurse: bool = True) -> list[
     out: list[OpCost] = []
     fused = fused_values(g)
     for op in g.ops:
+        if op.id not in g.live_ops:
+            continue
         if op.rule is None:
             if recurse:
                 for sub in prop.bodies.get(op.id, ()):
@@ -132,7 +134,8 @@ def op_costs(prop: Propagation, mult: int = 1, *, recurse: bool = True) -> list[
 
 
 def fused_values(g: Graph) -> frozenset[int]:
-    """Values that live inside a fusion: made by a fusible op and read only by fusible ops."""
+    """Values that live inside a fusion: made by a fusible op and read only by fusible ops or by
+    reductions (XLA fuses elementwise producers into a reduce's input)."""
     prims = {op.id: op.primitive for op in g.ops}
     fused = set()
     outputs = set(g.outputs)
@@ -141,7 +144,7 @@ def fused_values(g: Graph) -> frozenset[int]:
             continue
         for vid in op.outputs:
             readers = g.consumers.get(vid, ())
-            if vid not in outputs and readers and all(prims[r] in FUSIBLE for r in readers):
+            if vid not in outputs and readers and all(prims[r] in FUSIBLE or prims[r] in REDUCTIONS for r in readers):
                 fused.add(vid)
     return frozenset(fused)
 
@@ -159,3 +162,8 @@ def roofline_time(flops: float, traffic: float, peak_flops: float, bandwidth: fl
 
 
 __all__ = ["OpCost", "local_sizes", "op_costs", "op_flops", "roofline_time"]
+
+
+def xla_flops(prop: Propagation) -> float:
+    """TEMP"""
+    return sum(r.flops * r.count for r in op_costs(prop))

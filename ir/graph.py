@@ -147,6 +147,17 @@ class Graph:
                 out.setdefault(vid, []).append(op.id)
         return {k: tuple(v) for k, v in out.items()}
 
+    @functools.cached_property
+    def live_ops(self) -> frozenset[int]:
+        """Ids of the ops the outputs depend on; the rest is dead code XLA removes."""
+        needed = set(self.outputs)
+        live = set()
+        for op in reversed(self.ops):
+            if any(o in needed for o in op.outputs):
+                live.add(op.id)
+                needed.update(op.inputs)
+        return frozenset(live)
+
     def walk(self):
         """Yields (graph, op, multiplier) over this graph and every nested body.
 
