@@ -1,4 +1,4 @@
-"""The `auto-partition` command line: trace, baselines and verify."""
+"""The `auto-partition` command line: trace, baselines, verify and calibrate."""
 
 from __future__ import annotations
 
@@ -101,11 +101,38 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-overlap", action="store_true", help="expose all communication (pessimistic)")
     e.add_argument("--all-tensors", action="store_true", help="list optimizer state and other inputs too")
     e.add_argument("--json", action="store_true")
+
+    c = sub.add_parser("calibrate", help="measure the local devices and fit a hardware preset to them")
+    c.add_argument(
+        "--hardware", required=True, help="preset or YAML file to start from (h100, h200, cpu, ...)"
+    )
+    c.add_argument(
+        "--mesh",
+        default=None,
+        help="mesh for the collectives, e.g. data=2,model=4 (default: all local devices on one axis)",
+    )
+    c.add_argument("--quick", action="store_true", help="fewer and smaller benchmarks (seconds on CPU)")
+    c.add_argument("--dtypes", default=None, help="matmul dtypes, e.g. bfloat16,tf32 (default: per platform)")
+    c.add_argument(
+        "-o",
+        "--output",
+        default=None,
+        metavar="FILE",
+        help="the preset file to write (default: ./HARDWARE-calibrated.yaml)",
+    )
+    c.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return p
 
 
 def _device_count_hint(args: argparse.Namespace) -> int | None:
     """Devices the command needs, read before JAX starts (so fake CPU devices can be made)."""
+    if args.command == "calibrate" and not args.mesh:
+        from cost_model.hardware import HardwareError, load_hardware  # imports no JAX
+
+        try:
+            return load_hardware(args.hardware).devices_per_node  # one node's worth
+        except HardwareError:
+            return None  # the command reports it
     if getattr(args, "mesh", None):
         try:
             return _mesh_size(args.mesh)

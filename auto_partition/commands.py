@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from auto_partition.cli import _fmt_bytes, emit_json
 from auto_partition.workloads import resolve
 from cost_model.hardware import HardwareError
+from cost_model.microbench import CalibrationError
 from ir.plan import PlanError
 from ir.plan_yaml import check_fingerprint, load_plan_file, save_plan_file
 from ir.sharding import MeshShape, ShardingError
@@ -21,7 +22,16 @@ from runners.check import MeshMismatchError, PlanCheck, check_baselines, check_m
 from runners.program import Mode
 from search.tactics import TacticError
 
-USER_ERRORS = (ShardingError, PlanError, TacticError, WorkloadError, MeshMismatchError, HardwareError, OSError)
+USER_ERRORS = (
+    ShardingError,
+    PlanError,
+    TacticError,
+    WorkloadError,
+    MeshMismatchError,
+    HardwareError,
+    CalibrationError,
+    OSError,
+)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -29,6 +39,10 @@ def run(args: argparse.Namespace) -> int:
         from auto_partition.explain import cmd_explain
 
         return cmd_explain(args)
+    if args.command == "calibrate":
+        from auto_partition.calibrate import cmd_calibrate
+
+        return cmd_calibrate(args)
     return {"trace": cmd_trace, "baselines": cmd_baselines, "verify": cmd_verify}[args.command](args)
 
 

@@ -54,7 +54,9 @@ class MemoryReport:
 
 
 def local_bytes(shape, itemsize: int, sharding: Sharding, mesh) -> int:
-    return itemsize * math.prod(n // mesh.axes_size(axes) for n, axes in zip(shape, sharding.dims, strict=True))
+    return itemsize * math.prod(
+        n // mesh.axes_size(axes) for n, axes in zip(shape, sharding.dims, strict=True)
+    )
 
 
 def memory(prop: Propagation, donated: frozenset[int] | None = None) -> MemoryReport:

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 
 from cost_model.collectives import collective_time
 from cost_model.compute import OpCost, op_costs, roofline_time
-from cost_model.hardware import Hardware
+from cost_model.hardware import Hardware, HardwareError
 from cost_model.memory import MemoryReport, memory
 from cost_model.meshes import MeshTopology, topology
 from ir.comm import Collective, CollectiveKind
@@ -109,19 +109,22 @@ def _dtype_key(graph: Graph, op_cost: OpCost, op) -> str:
     dtype = graph.values[op.inputs[0]].dtype if op.inputs else "float32"
     if dtype not in _FLOAT_KEYS and not dtype.startswith("float8"):
         return "float32"
-    return "tf32" if dtype == "float32" and op_cost.primitive in ("dot_general", "conv_general_dilated") else dtype
+    return (
+        "tf32"
+        if dtype == "float32" and op_cost.primitive in ("dot_general", "conv_general_dilated")
+        else dtype
+    )
 
 
-def _report(prop: Propagation, hw: Hardware, topo: MeshTopology, overlap: Overlap, top_ops: int) -> CostReport:
+def _report(
+    prop: Propagation, hw: Hardware, topo: MeshTopology, overlap: Overlap, top_ops: int
+) -> CostReport:
     dev = hw.device
     rows: list[OpRow] = []
     fwd = bwd = other = 0.0
     flops = 0.0
     for graph, cost, op in _walk_costs(prop):
-        if cost.primitive in ("dot_general", "conv_general_dilated"):
-            peak = dev.matmul_flops(_dtype_key(graph, cost, op))
-        else:
-            peak = dev.flops(_dtype_key(graph, cost, op)) if cost.flops else 1.0
+        peak = _peak_flops(dev, _dtype_key(graph, cost, op), cost.primitive) if cost.flops else 1.0
         t = roofline_time(cost.flops, cost.bytes, peak, dev.memory_bandwidth) * cost.count
         flops += cost.flops * cost.count
         name = graph.values[op.outputs[0]].name if op.outputs else op.primitive
@@ -163,6 +166,15 @@ def _report(prop: Propagation, hw: Hardware, topo: MeshTopology, overlap: Overla
         collectives=by_key,
         ops=tuple(rows[:top_ops]),
     )
+
+
+def _peak_flops(dev, key: str, primitive: str) -> float:
+    """The device's rate for `key`; a rate the preset lacks (tf32 on a CPU) falls back to float32."""
+    rate = dev.matmul_flops if primitive in ("dot_general", "conv_general_dilated") else dev.flops
+    try:
+        return rate(key)
+    except HardwareError:
+        return rate("float32")
 
 
 def _walk_costs(prop: Propagation, mult: int = 1):

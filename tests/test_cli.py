@@ -390,7 +390,7 @@ def test_no_strategy_fits_the_mesh(capsys, entry_module):
         "from models import registry\ndef make():\n    return registry.get('mlp', 'tiny', batch_size=12)\n",
     )
     assert cli_error(capsys, "baselines", "ep_batch12_b:make", "--mesh", "data=8", "--compile-only") == (
-        "no strategy applies to builtin:mlp:tiny on mesh data=8: each needs its mesh axes to divide the dims "
+        "no strategy applies to builtin:mlp:tiny:batch_size=12 on mesh data=8: each needs its mesh axes to divide the dims "
         "it shards (batch dim 0 is 12); use smaller mesh axes."
     )
 
