@@ -1,0 +1,96 @@
+"""simulate(): closed-form step times and memory on a made-up device, and the overlap assumption."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from cost_model.hardware import DeviceSpec, Hardware, LinkSpec
+from cost_model.simulate import Overlap, simulate
+from ir.comm import CollectiveKind as K
+from ir.sharding import MeshShape, Sharding
+from ir.trace import trace
+from ir.workload import Workload
+
+MESH = MeshShape(("data", "model"), (2, 4))
+# Round numbers so every expectation below is arithmetic by hand.
+HW = Hardware(
+    name="toy",
+    device=DeviceSpec("toy", {"float32": 1e12, "tf32": 1e12}, hbm_bandwidth=1e11, hbm_capacity=10**9),
+    intra_node=LinkSpec(bandwidth=1e10, latency=1e-12),
+    inter_node=LinkSpec(bandwidth=1e9, latency=1e-12),
+    devices_per_node=8,
+)
+
+
+class _Plan:
+    """The minimum simulate() needs of a plan: a mesh and input shardings (no activation rules)."""
+
+    def __init__(self, mesh, shardings):
+        self.mesh = mesh
+        self._s = shardings
+
+    def input_shardings(self, graph):
+        return {i: self._s[k] for k, i in enumerate(graph.inputs)}
+
+    def activation_sharding(self, name, shape):
+        return None
+
+
+def _graph(fn, *shapes):
+    args = tuple(jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes)
+    return trace(Workload(fn, args, arg_names=("batch", "params")[: len(shapes)]))
+
+
+def test_one_matmul_is_compute_bound_roofline():
+    g = _graph(lambda x, w: x @ w, (1024, 1024), (1024, 1024))
+    r = simulate(g, _Plan(MESH, [Sharding.from_spec([("data", "model")], 2), Sharding.replicated(2)]), HW)
+    flops = 2 * 128 * 1024 * 1024  # each device multiplies its 1024/8 rows by the whole weight
+    traffic = 4 * (128 * 1024 + 1024 * 1024 + 128 * 1024)
+    assert r.flops == flops
+    assert r.compute_time == pytest.approx(max(flops / 1e12, traffic / 1e11))
+    assert r.comm_time == 0 and r.step_time == r.compute_time
+
+
+def test_contraction_sharded_pays_a_ring_all_reduce():
+    g = _graph(lambda x, w: x @ w, (256, 1024), (1024, 512))
+    plan = _Plan(MESH, [Sharding.from_spec([None, "model"]), Sharding.from_spec(["model", None])])
+    r = simulate(g, plan, HW)
+    size = 256 * 512 * 4
+    assert r.collectives[(K.ALL_REDUCE, ("model",))] == (size, pytest.approx(2 * 3 / 4 * size / 1e10))
+    # An activation all-reduce on the critical path is exposed whatever the overlap assumption.
+    assert r.exposed_comm_time == pytest.approx(r.comm_time)
+    assert r.step_time == pytest.approx(r.compute_time + r.comm_time)
+
+
+def test_gradient_all_reduce_hides_behind_backward_compute_unless_overlap_is_off():
+    def step(batch, params):
+        return jax.grad(lambda w: jnp.sum(jnp.tanh(batch @ w)))(params)
+
+    g = _graph(step, (4096, 1024), (1024, 1024))
+    plan = _Plan(MESH, [Sharding.from_spec([("data", "model")], 2), Sharding.replicated(2)])
+    hidden = simulate(g, plan, HW)
+    exposed = simulate(g, plan, HW, overlap=Overlap.NONE)
+    assert hidden.comm_time == exposed.comm_time > 0
+    assert exposed.exposed_comm_time == pytest.approx(exposed.comm_time)
+    # The gradient reduction (1024x1024 f32 over 8 devices) fits behind the backward matmul.
+    assert hidden.exposed_comm_time < exposed.exposed_comm_time
+    assert hidden.step_time < exposed.step_time
+
+
+def test_a_plan_that_does_not_fit_is_reported_with_its_breakdown():
+    g = _graph(lambda x, w: jnp.tanh(x @ w).sum(), (8192, 8192), (8192, 8192))
+    small = Hardware(
+        name="small",
+        device=DeviceSpec("small", {"float32": 1e12, "tf32": 1e12}, hbm_bandwidth=1e11, hbm_capacity=10**8),
+        intra_node=LinkSpec(bandwidth=1e10, latency=1e-12),
+        inter_node=LinkSpec(bandwidth=1e9, latency=1e-12),
+        devices_per_node=8,
+    )
+    r = simulate(g, _Plan(MESH, [Sharding.replicated(2), Sharding.replicated(2)]), small)
+    assert not r.fits
+    assert r.memory.peak > r.capacity == 10**8
+    assert r.memory.arguments == 2 * 8192 * 8192 * 4
+    assert r.memory.by_kind["batch"] + r.memory.by_kind["params"] == r.memory.arguments
+    assert r.memory.largest  # what is live at the peak is named
