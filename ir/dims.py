@@ -28,12 +28,15 @@ class DimGroup:
       name: a readable representative, e.g. 'params/layers_0/mlp/w_in:1'.
       size: the smallest size among its dims (a shard count must divide the dims it shards).
       members: (graph number, value id, dim) of every dim in the group; graph 0 is the top graph.
+      loop: True for the stacked (iteration) dim of a scan's sliced inputs and stacked outputs;
+        sharding it would be pipeline parallelism, which a scan does not run.
     """
 
     id: int
     name: str
     size: int
     members: tuple[DimKey, ...]
+    loop: bool = False
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -89,6 +92,7 @@ def dim_groups(graph: Graph) -> DimGroups:
     graphs = tuple(_graphs(graph))
     number = {id(g): n for n, g in enumerate(graphs)}
     uf = _UnionFind()
+    loops: list[DimKey] = []
     for n, g in enumerate(graphs):
         for v in g.values:
             for d, size in enumerate(v.shape):
@@ -110,6 +114,12 @@ def dim_groups(graph: Graph) -> DimGroups:
                             uf.union(first, key)
             elif op.primitive == "scan":
                 _tie_scan(uf, n, number[id(op.body[0])], op, g)
+                nc, nk = op.params["num_consts"], op.params["num_carry"]
+                stacked = [(n, v, 0) for v in (*op.inputs[nc + nk :], *op.outputs[nk:])]
+                stacked = [k for k in stacked if k in uf.parent]
+                for k in stacked:
+                    uf.union(stacked[0], k)
+                loops.extend(stacked[:1])
             elif op.primitive == "cond":
                 for branch in op.body:
                     b = number[id(branch)]
@@ -120,10 +130,12 @@ def dim_groups(graph: Graph) -> DimGroups:
         members.setdefault(uf.find(key), []).append(key)
     ordered = sorted(members.values(), key=lambda m: (-len(m), min(m)))
     groups, of = [], {}
+    loop_roots = {uf.find(k) for k in loops}
     for gid, keys in enumerate(ordered):
         keys.sort()
         size = min(graphs[n].values[vid].shape[d] for n, vid, d in keys)
-        groups.append(DimGroup(gid, _name(graphs, keys), size, tuple(keys)))
+        loop = uf.find(keys[0]) in loop_roots
+        groups.append(DimGroup(gid, _name(graphs, keys), size, tuple(keys), loop))
         for k in keys:
             of[k] = gid
     conflicts = []

@@ -1,0 +1,217 @@
+"""The decision space every searcher shares: shard a dimension group's input dims over mesh axes.
+
+A decision is one dimension group (ir.dims) seen through the step's inputs: the parameter and
+batch dims the factor rules tie together (the ff dim of w_in, w_gate, w_out and b_in; the batch
+dim of every batch tensor; the model dim of every weight). Groups that differ only in their layer
+index are tied into one decision by default (decide once for all layers, as for a scanned body),
+so a transformer has a handful of decisions however deep it is. Optimizer state follows its
+parameter (the plan's `follow_params`). Propagation decides every other value.
+
+An option for a decision is a set of mesh axes, taken major to minor in mesh order. Validity is
+checked once here for all searchers: each axis must divide every dim the decision shards, and no
+tensor may use an axis twice (two decisions that share a tensor cannot both take 'model').
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Mapping, Sequence
+
+from ir.dims import dim_groups
+from ir.graph import Graph, Role
+from ir.plan import Plan, Provenance, name_pattern
+from ir.sharding import MeshShape, Sharding
+
+Assignment = tuple[tuple[str, ...], ...]  # per decision, its mesh axes (() = not sharded)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Decision:
+    """One unit decision.
+
+    Attributes:
+      id: index in `DecisionSpace.decisions`.
+      name: a readable label, e.g. 'params/layers_*/mlp/w_in:1 +3'.
+      members: (input value id, dim) pairs the decision shards.
+      options: valid axis tuples on their own (before interactions with other decisions).
+    """
+
+    id: int
+    name: str
+    members: tuple[tuple[int, int], ...]
+    options: tuple[tuple[str, ...], ...]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class DecisionSpace:
+    """The decisions of a graph on a mesh, and how an assignment becomes input shardings.
+
+    Attributes:
+      graph: the graph.
+      mesh: the mesh.
+      decisions: the decisions, biggest first (by bytes they shard).
+      fixed: (value id, dim) -> axes fixed by user tactics; decisions never touch these dims.
+    """
+
+    graph: Graph
+    mesh: MeshShape
+    decisions: tuple[Decision, ...]
+    fixed: Mapping[tuple[int, int], tuple[str, ...]]
+
+    @property
+    def empty(self) -> Assignment:
+        return ((),) * len(self.decisions)
+
+    def tensor_axes(self, assignment: Assignment) -> dict[int, dict[int, tuple[str, ...]]]:
+        """value id -> dim -> axes, fixed dims first."""
+        out: dict[int, dict[int, tuple[str, ...]]] = {}
+        for (vid, dim), axes in self.fixed.items():
+            out.setdefault(vid, {})[dim] = axes
+        for d, axes in zip(self.decisions, assignment, strict=True):
+            if axes:
+                for vid, dim in d.members:
+                    out.setdefault(vid, {})[dim] = axes
+        return out
+
+    def valid(self, assignment: Assignment) -> bool:
+        """No tensor uses a mesh axis twice."""
+        for dims in self.tensor_axes(assignment).values():
+            used = [a for axes in dims.values() for a in axes]
+            if len(used) != len(set(used)):
+                return False
+        return True
+
+    def options(self, assignment: Assignment, decision: int) -> tuple[tuple[str, ...], ...]:
+        """The options of one decision that keep `assignment` valid (() always among them)."""
+        others = list(assignment)
+        taken: dict[int, set[str]] = {}
+        others[decision] = ()
+        for vid, dims in self.tensor_axes(tuple(others)).items():
+            taken[vid] = {a for axes in dims.values() for a in axes}
+        members = {vid for vid, _ in self.decisions[decision].members}
+        busy = set().union(*(taken.get(v, set()) for v in members)) if members else set()
+        return tuple(o for o in self.decisions[decision].options if not set(o) & busy)
+
+    def shardings(self, assignment: Assignment) -> dict[int, Sharding]:
+        """Input shardings of the params and batch (optimizer state follows in the plan)."""
+        out = {}
+        for vid, dims in self.tensor_axes(assignment).items():
+            v = self.graph.values[vid]
+            out[vid] = Sharding(tuple(dims.get(d, ()) for d in range(v.rank)))
+        return out
+
+    def plan(self, assignment: Assignment, provenance: Provenance | None = None) -> Plan:
+        """The assignment as a Plan (params, batch; optimizer state following the params)."""
+        g = self.graph
+        named = {g.values[vid].name: s for vid, s in self.shardings(assignment).items()}
+        # Optimizer state takes its parameter's sharding, as the plan's follow_params does.
+        params = {
+            g.values[vid].name.removeprefix("params/"): s
+            for vid, s in self.shardings(assignment).items()
+            if g.values[vid].role is Role.PARAM
+        }
+        for vid in g.inputs:
+            v = g.values[vid]
+            if v.role is Role.OPT_STATE:
+                for suffix, s in params.items():
+                    if v.name.endswith("/" + suffix) and len(s.dims) == v.rank:
+                        named[v.name] = s
+                        break
+        kwargs = {"provenance": provenance} if provenance is not None else {}
+        return Plan.from_shardings(self.mesh, g, named, **kwargs)
+
+    def enumerate(self) -> itertools.chain:
+        """Every valid assignment (for small spaces: the exhaustive reference)."""
+
+        def rec(i: int, acc: list[tuple[str, ...]]):
+            if i == len(self.decisions):
+                yield tuple(acc)
+                return
+            for o in self.options(tuple(acc) + ((),) * (len(self.decisions) - i), i):
+                acc.append(o)
+                yield from rec(i + 1, acc)
+                acc.pop()
+
+        return rec(0, [])
+
+    @property
+    def size(self) -> int:
+        """Number of assignments ignoring interactions (an upper bound of `enumerate`)."""
+        n = 1
+        for d in self.decisions:
+            n *= len(d.options)
+        return n
+
+
+def build_space(
+    graph: Graph,
+    mesh: MeshShape,
+    *,
+    fixed: Plan | None = None,
+    tie_layers: bool = True,
+    max_axes: int = 2,
+) -> DecisionSpace:
+    """The decision space of `graph` on `mesh`.
+
+    Args:
+      graph: the traced step.
+      mesh: the mesh.
+      fixed: a plan from user tactics; the dims it shards are fixed and excluded from decisions.
+      tie_layers: decide once for groups that differ only in their layer index.
+      max_axes: the most mesh axes one decision may shard over.
+    """
+    groups = dim_groups(graph)
+    fixed_dims: dict[tuple[int, int], tuple[str, ...]] = {}
+    if fixed is not None:
+        for vid, s in fixed.input_shardings(graph).items():
+            if graph.values[vid].role in (Role.PARAM, Role.BATCH):
+                for d, axes in enumerate(s.dims):
+                    if axes:
+                        fixed_dims[(vid, d)] = axes
+    inputs = {vid for vid in graph.inputs if graph.values[vid].role in (Role.PARAM, Role.BATCH)}
+    units: dict[object, list[tuple[int, int]]] = {}
+    for grp in groups.groups:
+        if grp.loop:
+            continue
+        members = [
+            (vid, d) for n, vid, d in grp.members if n == 0 and vid in inputs and (vid, d) not in fixed_dims
+        ]
+        if not members:
+            continue
+        key = (
+            frozenset((name_pattern(graph.values[vid].name), d) for vid, d in members)
+            if tie_layers
+            else grp.id
+        )
+        units.setdefault(key, []).extend(members)
+    axis_sets = [
+        combo
+        for k in range(1, max_axes + 1)
+        for combo in itertools.combinations(
+            tuple(a for a, s in zip(mesh.axes, mesh.shape, strict=True) if s > 1), k
+        )
+    ]
+    decisions = []
+    for members in units.values():
+        sizes = [graph.values[vid].shape[d] for vid, d in members]
+        opts = tuple(axes for axes in axis_sets if all(n % mesh.axes_size(axes) == 0 for n in sizes))
+        if not opts:
+            continue
+        nbytes = sum(graph.values[vid].nbytes for vid, _ in dict.fromkeys(members))
+        decisions.append((nbytes, tuple(sorted(set(members))), ((), *opts)))
+    decisions.sort(key=lambda t: (-t[0], t[1]))
+    out = tuple(
+        Decision(i, _label(graph, members), members, opts) for i, (_, members, opts) in enumerate(decisions)
+    )
+    return DecisionSpace(graph, mesh, out, fixed_dims)
+
+
+def _label(graph: Graph, members: Sequence[tuple[int, int]]) -> str:
+    names = sorted(
+        {
+            f"{name_pattern(graph.values[v].name)}:{d}".replace("\\d+", "*").replace("\\", "")
+            for v, d in members
+        }
+    )
+    return names[0] + (f" +{len(names) - 1}" if len(names) > 1 else "")
