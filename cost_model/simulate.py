@@ -103,6 +103,18 @@ def simulate(
 _FLOAT_KEYS = frozenset(("float64", "float32", "bfloat16", "float16"))
 
 
+def simulate_propagation(
+    prop: Propagation,
+    hardware: Hardware,
+    topo: MeshTopology,
+    *,
+    overlap: Overlap = Overlap.BACKWARD_AND_PREFETCH,
+    top_ops: int = 10,
+) -> CostReport:
+    """The CostReport of a propagation already made (searchers reuse one topology)."""
+    return _report(prop, hardware, topo, overlap, top_ops)
+
+
 def _dtype_key(graph: Graph, op_cost: OpCost, op) -> str:
     """The device rate an op runs at: its operand dtype; float32 matmuls at the default (TF32)
     precision of GPUs; integer and boolean arithmetic at the float32 vector rate."""
