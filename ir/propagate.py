@@ -12,7 +12,9 @@ put and weights move, which is what FSDP and ZeRO do), then larger operands, the
 A reduction factor sharded over axes leaves its result a pending partial sum over those axes. The
 sum is resolved where the value is first read: by a reduce-scatter when that reader wants the
 value sharded along a partial axis (the data-parallel gradient feeding a sharded optimizer
-update), else by an all-reduce. The resolved sharding is the value's sharding from then on.
+update), else by all-reduces, one per sharded reduction dim as XLA's partitioner emits them.
+The resolved sharding is the value's sharding from then on. `reshard` prices every change of
+sharding the way XLA's SPMD partitioner carries it out (docs/xla-partitioner.md).
 """
 
 from __future__ import annotations
@@ -92,8 +94,13 @@ def propagate(
 
 
 class _Propagator:
-    def __init__(self, graph: Graph, mesh: MeshShape, constraint: Constraint | None,
-                 batch_inputs: frozenset[int] | None):
+    def __init__(
+        self,
+        graph: Graph,
+        mesh: MeshShape,
+        constraint: Constraint | None,
+        batch_inputs: frozenset[int] | None,
+    ):
         self.g = graph
         self.mesh = mesh
         self.constraint = constraint
@@ -102,6 +109,8 @@ class _Propagator:
         self.colls: list[Collective] = []
         self.bodies: dict[int, tuple[Propagation, ...]] = {}
         self.memo: set[tuple[int, Sharding]] = set()
+        # Per value with a pending sum: its partial axes grouped as XLA reduces them (see reshard).
+        self.sum_groups: dict[int, tuple[tuple[str, ...], ...]] = {}
         if batch_inputs is None:
             batch_inputs = frozenset(i for i in graph.inputs if graph.values[i].role is Role.BATCH)
         self.batch = set(batch_inputs)
@@ -139,8 +148,16 @@ class _Propagator:
         for o in g.outputs:
             live[o] = True
         shardings = tuple(Sharding(s.dims) if s.partial else s for s in self.cur)
-        return Propagation(g, self.mesh, shardings, tuple(self.ops), tuple(self.colls),
-                           self.bodies, tuple(live), tuple(returned))
+        return Propagation(
+            g,
+            self.mesh,
+            shardings,
+            tuple(self.ops),
+            tuple(self.colls),
+            self.bodies,
+            tuple(live),
+            tuple(returned),
+        )
 
     # -- one op ----------------------------------------------------------------------------------
 
@@ -158,18 +175,21 @@ class _Propagator:
             if want is not None:
                 self._propose(rule.results[k], want, (1, True, 0, -k), proposals)
         factors = self._assign(rule, proposals)
-        operands = tuple(
-            Sharding(self._dims(rule.operands[k], factors)) for k in range(len(op.inputs))
-        )
+        operands = tuple(Sharding(self._dims(rule.operands[k], factors)) for k in range(len(op.inputs)))
         for vid, want in zip(op.inputs, operands, strict=True):
             self._read(vid, want)
-        partial = frozenset(
-            a for f in rule.factors_of(FactorKind.REDUCTION) for a in factors[f]
-        )
+        partial = frozenset(a for f in rule.factors_of(FactorKind.REDUCTION) for a in factors[f])
+        # XLA's partitioner reduces each sharded reduction dim of an op by its own all-reduce
+        # (minor dim first; factors are numbered in operand dim order).
+        groups = tuple(factors[f] for f in reversed(rule.factors_of(FactorKind.REDUCTION)) if factors[f])
         for k, vid in enumerate(op.outputs):
             self.cur[vid] = Sharding(self._dims(rule.results[k], factors), partial)
+            if partial:
+                self.sum_groups[vid] = groups
             if targets[k] is not None:
+                # The constrained value is the target: every reader sees it so.
                 self._read(vid, targets[k])
+                self.cur[vid] = targets[k]
         self.ops[op.id] = OpSharding(factors, operands)
 
     def _propose(self, dims_map, s: Sharding, prio: tuple, out: list) -> None:
@@ -237,7 +257,7 @@ class _Propagator:
             return
         self.memo.add((vid, want))
         v = self.g.values[vid]
-        colls, resolved = reshard(v, have, want, self.mesh)
+        colls, resolved = reshard(v, have, want, self.mesh, self.sum_groups.get(vid))
         self.colls.extend(colls)
         if have.partial:
             self.cur[vid] = resolved
@@ -259,32 +279,47 @@ class _Propagator:
             s = self._resolved(vid)
             if k >= nc + nk:
                 if s.dims[0]:
-                    s = Sharding(((),) + s.dims[1:])
+                    s = Sharding(((), *s.dims[1:]))
                     self._read(vid, s)
                 s = Sharding(s.dims[1:])
             body_in[bid] = s
             if vid in self.batch:
                 body_batch.add(bid)
         carry_out = {j: body_in[body.inputs[nc + j]] for j in range(nk)}
-        sub = propagate(body, self.mesh, body_in, constraint=self.constraint, outputs=carry_out,
-                        batch_inputs=frozenset(body_batch))
+        sub = propagate(
+            body,
+            self.mesh,
+            body_in,
+            constraint=self.constraint,
+            outputs=carry_out,
+            batch_inputs=frozenset(body_batch),
+        )
         self.bodies[op.id] = (sub,)
         self.colls.extend(dataclasses.replace(c, count=c.count * op.trip_count) for c in sub.collectives)
         for j, vid in enumerate(op.outputs):
             if j < nk:
                 self.cur[vid] = carry_out[j]
             else:
-                self.cur[vid] = Sharding(((),) + sub.outputs[j].dims)
+                self.cur[vid] = Sharding(((), *sub.outputs[j].dims))
 
     def _cond(self, op: Op) -> None:
         self._resolved(op.inputs[0])
         subs = []
         outs: dict[int, Sharding] = {}
         for branch in op.body:
-            body_in = {bid: self._resolved(vid) for vid, bid in zip(op.inputs[1:], branch.inputs, strict=True)}
-            sub = propagate(branch, self.mesh, body_in, constraint=self.constraint, outputs=outs,
-                            batch_inputs=frozenset(b for v, b in zip(op.inputs[1:], branch.inputs, strict=True)
-                                                   if v in self.batch))
+            body_in = {
+                bid: self._resolved(vid) for vid, bid in zip(op.inputs[1:], branch.inputs, strict=True)
+            }
+            sub = propagate(
+                branch,
+                self.mesh,
+                body_in,
+                constraint=self.constraint,
+                outputs=outs,
+                batch_inputs=frozenset(
+                    b for v, b in zip(op.inputs[1:], branch.inputs, strict=True) if v in self.batch
+                ),
+            )
             if not outs:
                 outs = dict(enumerate(sub.outputs))
             subs.append(sub)
@@ -294,13 +329,27 @@ class _Propagator:
             self.cur[vid] = outs[j]
 
 
-def reshard(v: Value, have: Sharding, want: Sharding, mesh: MeshShape) -> tuple[list[Collective], Sharding]:
+def reshard(
+    v: Value,
+    have: Sharding,
+    want: Sharding,
+    mesh: MeshShape,
+    sum_groups: tuple[tuple[str, ...], ...] | None = None,
+) -> tuple[list[Collective], Sharding]:
     """The collectives that turn `have` into `want` (which has no pending sum).
 
-    Pending sums go first: a partial axis that `want` appends to a dim becomes a reduce-scatter
-    into that dim, the other partial axes one all-reduce. Then each dim drops the axes `want`
-    does not keep as a prefix: moved to another dim by an all-to-all, else all-gathered. Axes
-    `want` adds are local slices and cost nothing.
+    Each step follows what XLA's SPMD partitioner emits (docs/xla-partitioner.md). Pending sums
+    go first: when `want` appends partial axes to exactly one dim, a reduce-scatter into that
+    dim, then one all-reduce of the other partial axes on the scattered shard; otherwise one
+    all-reduce per group of `sum_groups` (default: all partial axes in one group), after which
+    the axes `want` adds are local slices. Then axes that leave one dim for another move by
+    all-to-all (after the receiving dims took their free local slices). Last, minor dim first,
+    each dim drops the axes `want` does not keep as a prefix: by an all-gather, or, when it
+    trades them for axes the tensor leaves free, by a collective-permute (plus a partial
+    all-gather when the new tiling is coarser). Axes `want` only adds are local slices, free.
+
+    Args:
+      sum_groups: the partial axes grouped by the sharded reduction dim that made them.
 
     Returns:
       The collectives, and the sharding once pending sums are resolved.
@@ -325,39 +374,144 @@ def reshard(v: Value, have: Sharding, want: Sharding, mesh: MeshShape) -> tuple[
             if w[: len(h)] != h:
                 continue
             extra = []
-            for a in w[len(h):]:
+            for a in w[len(h) :]:
                 if a not in have.partial or a in scattered:
                     break
                 extra.append(a)
             if extra:
                 scatter_dims.append((d, tuple(extra)))
                 scattered.update(extra)
-        reduce_axes = order(have.partial - scattered)
-        if reduce_axes:
-            colls.append(Collective(CollectiveKind.ALL_REDUCE, reduce_axes, local_bytes(), v.name))
-        for d, extra in scatter_dims:
+        if len(scatter_dims) == 1:
+            # XLA scatters into one output dim at most; the rest of the sum is then reduced
+            # on the scattered shard, by one all-reduce whichever reduction dims it came from.
+            ((d, extra),) = scatter_dims
             colls.append(Collective(CollectiveKind.REDUCE_SCATTER, order(extra), local_bytes(), v.name))
             dims[d] = dims[d] + extra
+            rest = order(have.partial - set(extra))
+            if rest:
+                colls.append(Collective(CollectiveKind.ALL_REDUCE, rest, local_bytes(), v.name))
+        else:
+            for group in sum_groups or (tuple(have.partial),):
+                axes = order(set(group) & have.partial)
+                if axes:
+                    colls.append(Collective(CollectiveKind.ALL_REDUCE, axes, local_bytes(), v.name))
     resolved = Sharding(tuple(dims))
 
     wanted_dim = {a: d for d, axes in enumerate(want.dims) for a in axes}
-    # All-to-alls: an axis that leaves one dim for another.
+    # Before an all-to-all, XLA first takes the local slices the target adds over axes the tensor
+    # leaves free, so the all-to-all moves the smaller shard.
+    receiving = {
+        wanted_dim[a]
+        for d in range(len(dims))
+        for a in dims[d][len(_common_prefix(dims[d], want.dims[d])) :]
+        if wanted_dim.get(a, d) != d
+    }
+    for d in sorted(receiving):
+        used = {a for axes in dims for a in axes}
+        dims[d] = dims[d] + tuple(a for a in want.dims[d] if a not in used)
+    # All-to-alls: axes that leave one dim for another. The axes that go from one dim to the
+    # same other dim move in one all-to-all over all of them, as XLA's partitioner does.
     for d in range(len(dims)):
         keep = _common_prefix(dims[d], want.dims[d])
-        for a in dims[d][len(keep):]:
+        moves: dict[int, list[str]] = {}
+        for a in dims[d][len(keep) :]:
             d2 = wanted_dim.get(a)
             if d2 is not None and d2 != d and a not in dims[d2]:
-                colls.append(Collective(CollectiveKind.ALL_TO_ALL, (a,), local_bytes(), v.name))
-                dims[d] = tuple(x for x in dims[d] if x != a)
-                dims[d2] = dims[d2] + (a,)
-    # All-gathers: axes a dim must drop.
-    for d in range(len(dims)):
+                moves.setdefault(d2, []).append(a)
+        for d2, axes in moves.items():
+            colls.append(Collective(CollectiveKind.ALL_TO_ALL, order(axes), local_bytes(), v.name))
+            dims[d] = tuple(x for x in dims[d] if x not in axes)
+            dims[d2] = dims[d2] + tuple(axes)
+    # All-gathers: axes a dim must drop, one all-gather per dim, minor-most dim first. This is
+    # the order of XLA's partitioner (it walks the dims to replicate in reverse), and it decides
+    # the bytes: [V@model, D@data] -> replicated gathers [V/4, D] over data, then [V, D] over model.
+    # A dim that trades axes for others the tensor leaves free ([V@data] -> [V@model]) is instead
+    # re-tiled by a collective-permute, as XLA does (see _retile).
+    for d in reversed(range(len(dims))):
         keep = _common_prefix(dims[d], want.dims[d])
-        drop = dims[d][len(keep):]
-        if drop:
+        drop = dims[d][len(keep) :]
+        add = want.dims[d][len(keep) :]
+        others = {a for d2, axes in enumerate(dims) if d2 != d for a in axes}
+        n_drop, n_add = mesh.axes_size(drop), mesh.axes_size(add)
+        if drop and add and not others & set(add) and (n_add % n_drop == 0 or n_drop % n_add == 0):
+            permute_axes, gather_axes = _retile(mesh, tuple(dims), d, want.dims[d])
+            if not gather_axes:  # as fine or finer: the target shard is sliced out, then moved
+                dims[d] = want.dims[d]
+            if permute_axes:
+                colls.append(
+                    Collective(CollectiveKind.COLLECTIVE_PERMUTE, permute_axes, local_bytes(), v.name)
+                )
+            if gather_axes:  # coarser: the source shard moved, then a partial all-gather
+                dims[d] = want.dims[d]
+                colls.append(Collective(CollectiveKind.ALL_GATHER, gather_axes, local_bytes(), v.name))
+        elif drop:
             dims[d] = keep
             colls.append(Collective(CollectiveKind.ALL_GATHER, order(drop), local_bytes(), v.name))
     return colls, resolved
+
+
+def _retile(
+    mesh: MeshShape, dims: tuple[tuple[str, ...], ...], d: int, new: tuple[str, ...]
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """How XLA's partitioner moves dim `d` of a tensor sharded `dims` onto the axes `new`.
+
+    XLA lays a sharding out as a tile assignment [tiles per dim..., replicas], the replica index
+    running over the mesh axes the tensor leaves unused, in mesh order. Between two assignments
+    of the same shape it sends each device's shard to the device at the same index (one
+    collective-permute). When the dims tile differently by a factor q, the finer side is first
+    matched by splitting the coarser side's tiles q ways, taking the major part of its replica
+    index as the sub-tile: a finer target then slices locally and permutes; a coarser target
+    receives the q sub-tiles and all-gathers them over the axes of that major part.
+
+    Returns:
+      The mesh axes the permute's pairs span (empty when every device keeps its data), and the
+      all-gather's axes (empty unless the target is coarser).
+    """
+    size = dict(zip(mesh.axes, mesh.shape, strict=True))
+    target = (*dims[:d], new, *dims[d + 1 :])
+
+    def replicas(s):
+        used = {a for axes in s for a in axes}
+        return tuple(a for a in mesh.axes if a not in used and size[a] > 1)
+
+    def index(coord, axes) -> int:
+        i = 0
+        for a in axes:
+            i = i * size[a] + coord[a]
+        return i
+
+    r_src, r_dst = replicas(dims), replicas(target)
+    n_have, n_new = mesh.axes_size(dims[d]), mesh.axes_size(new)
+    q = max(n_have, n_new) // min(n_have, n_new)
+
+    def key(coord, s, reps, split):
+        tiles = [index(coord, axes) for axes in s]
+        r, n_r = index(coord, reps), mesh.axes_size(reps)
+        if split:  # the major part of the replica index becomes a sub-tile of dim d
+            tiles[d] = tiles[d] * q + r // (n_r // q)
+            r %= n_r // q
+        return (*tiles, r)
+
+    coords = [dict(zip(mesh.axes, c, strict=True)) for c in _product(mesh.shape)]
+    by_key = {key(c, target, r_dst, n_new < n_have): i for i, c in enumerate(coords)}
+    moved: set[str] = set()
+    for c in coords:
+        dst = coords[by_key[key(c, dims, r_src, n_new > n_have)]]
+        moved.update(a for a in mesh.axes if c[a] != dst[a])
+    gather: list[str] = []
+    if n_new < n_have:
+        for a in r_dst:
+            if mesh.axes_size(gather) >= q:
+                break
+            gather.append(a)
+    return tuple(a for a in mesh.axes if a in moved), tuple(gather)
+
+
+def _product(shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+    out: list[tuple[int, ...]] = [()]
+    for n in shape:
+        out = [(*c, i) for c in out for i in range(n)]
+    return out
 
 
 def _common_prefix(a: tuple[str, ...], b: tuple[str, ...]) -> tuple[str, ...]:
@@ -373,6 +527,9 @@ def propagate_plan(graph: Graph, plan) -> Propagation:
     inputs = plan.input_shardings(graph)
     outputs = {k: inputs[a] for k, a in enumerate(graph.output_alias) if a >= 0 and a in inputs}
     return propagate(
-        graph, plan.mesh, inputs,
-        constraint=lambda v: plan.activation_sharding(v.name, v.shape), outputs=outputs,
+        graph,
+        plan.mesh,
+        inputs,
+        constraint=lambda v: plan.activation_sharding(v.name, v.shape),
+        outputs=outputs,
     )

@@ -159,8 +159,12 @@ ELEMENTWISE = (
 
 @register(*ELEMENTWISE)
 def elementwise(in_shapes, out_shapes, params) -> OpRule:
-    """Same-shape operands share a factor per dim; rank-0 operands (scalars) have none."""
-    full = max((s for s in (*in_shapes, *out_shapes)), key=len)
+    """Same-shape operands share a factor per dim; rank-0 operands (scalars) have none, and a size-1
+    dim that broadcasts against a larger one has none either (`[8, 32, 1] == [1, 1, 256]`)."""
+    rank = max(len(s) for s in (*in_shapes, *out_shapes))
+    full = tuple(
+        max(dims) for dims in zip(*(s for s in (*in_shapes, *out_shapes) if len(s) == rank), strict=True)
+    )
     b = _Builder()
     dims = [b.new(n) for n in full]
 
@@ -263,15 +267,21 @@ def cumulative(in_shapes, out_shapes, params) -> OpRule:
 def sort(in_shapes, out_shapes, params) -> OpRule:
     shape = in_shapes[0]
     b = _Builder()
-    m = [b.new(n, FactorKind.LOCAL if d == params["dimension"] else FactorKind.PASS) for d, n in enumerate(shape)]
+    m = [
+        b.new(n, FactorKind.LOCAL if d == params["dimension"] else FactorKind.PASS)
+        for d, n in enumerate(shape)
+    ]
     return b.rule([m] * len(in_shapes), [m] * len(out_shapes))
 
 
 @register("top_k")
 def top_k(in_shapes, out_shapes, params) -> OpRule:
+    """Every dim local: XLA's SPMD partitioner has no sharded form of the TopK op for its batch
+    dims (it takes its default action: operand replicated, results sliced afterwards), so a
+    sharded operand is all-gathered whatever the plan says (docs/xla-partitioner.md)."""
     (x,) = in_shapes
     b = _Builder()
-    lead = [b.new(n) for n in x[:-1]]
+    lead = [b.new(n, FactorKind.LOCAL) for n in x[:-1]]
     return b.rule(
         [[*lead, b.new(x[-1], FactorKind.LOCAL)]],
         [[*lead, b.new(s[-1], FactorKind.LOCAL)] for s in out_shapes],
@@ -362,15 +372,18 @@ def reshape(in_shapes, out_shapes, params) -> OpRule:
         rest = rj if d == j else out[d]
         if rest > 1:
             omap[d].extend(b.new(rest, FactorKind.LOCAL))
-    return b.rule([[tuple(m) for m in xmap]] + [[() for _ in s] for s in in_shapes[1:]],
-                  [[tuple(m) for m in omap]])
+    return b.rule(
+        [[tuple(m) for m in xmap]] + [[() for _ in s] for s in in_shapes[1:]], [[tuple(m) for m in omap]]
+    )
 
 
 @register("rev")
 def rev(in_shapes, out_shapes, params) -> OpRule:
     (x,) = in_shapes
     b = _Builder()
-    m = [b.new(n, FactorKind.LOCAL if d in params["dimensions"] else FactorKind.PASS) for d, n in enumerate(x)]
+    m = [
+        b.new(n, FactorKind.LOCAL if d in params["dimensions"] else FactorKind.PASS) for d, n in enumerate(x)
+    ]
     return b.rule([m], [m])
 
 
@@ -527,7 +540,8 @@ def scatter(in_shapes, out_shapes, params, additive: bool = False) -> OpRule:
     imap: list[DimFactors] = [()] * len(indices)
     window = tuple(dn.update_window_dims)
     operand_window = [
-        d for d in range(len(operand))
+        d
+        for d in range(len(operand))
         if d not in dn.inserted_window_dims and d not in tuple(getattr(dn, "operand_batching_dims", ()))
     ]
     for ud, xd in zip(window, operand_window, strict=True):

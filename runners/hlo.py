@@ -60,6 +60,7 @@ _INIT_STEP_RE = re.compile(r'"known_init_step":\{"init":"(-?\d+)","step":"(-?\d+
 _DIRECTION_RE = re.compile(r"\bdirection=([A-Z]+)")
 _INDEX_RE = re.compile(r"\bindex=(\d+)")
 _INT_RE = re.compile(r"^\s*(-?\d+)\s*$")
+_SLICE_SIZES_RE = re.compile(r"\bdynamic_slice_sizes=\{([^}]*)\}")
 
 
 class HloParseError(ValueError):
@@ -550,42 +551,57 @@ def _constant(comp: _Computation, name: str) -> int | None:
 def _only_shards_taken(
     module: _Module, comp: _Computation, instr: _Instr, element: int | None, n: int
 ) -> bool:
-    """Whether every use of the all-reduce (or its tuple element) only keeps a 1/n slice."""
+    """Whether every use of the all-reduce (or its tuple element) keeps one and the same 1/n slice.
+
+    Slices of different shapes (readers that take this device's piece along different dims, as
+    when one reader wants the value split over sequence and another over features) are not one
+    reduce-scatter's result: the all-reduce stays an all-reduce.
+    """
+    shapes: set[str] = set()
     if element is None:
-        return _sliced_only(module, comp, instr.name, _arrays(instr.shape)[0][0], n)
+        ok = _sliced_only(module, comp, instr.name, _arrays(instr.shape)[0][0], n, shapes)
+        return ok and len(shapes) == 1
     users = comp.users.get(instr.name, [])
     if instr.root or not users or any(u.opcode != "get-tuple-element" for u in users):
         return False
     mine = [u for u in users if (m := _INDEX_RE.search(u.attrs)) and int(m[1]) == element]
     elements = _arrays(instr.shape)[element][0]
-    return bool(mine) and all(_sliced_only(module, comp, u.name, elements, n) for u in mine)
+    ok = bool(mine) and all(_sliced_only(module, comp, u.name, elements, n, shapes) for u in mine)
+    return ok and len(shapes) == 1
 
 
-def _sliced_only(module: _Module, comp: _Computation, name: str, elements: int, n: int) -> bool:
+def _sliced_only(
+    module: _Module, comp: _Computation, name: str, elements: int, n: int, shapes: set[str]
+) -> bool:
+    """Whether `name` is only sliced to 1/n; adds each slice's `dynamic_slice_sizes` to `shapes`."""
     value, users = comp.by_name.get(name), comp.users.get(name, [])
     if value is None or value.root or not users:
         return False
     for user in users:
         if user.opcode in _PASS_THROUGH:
-            ok = _sliced_only(module, comp, user.name, elements, n)
+            ok = _sliced_only(module, comp, user.name, elements, n, shapes)
         elif user.opcode == "fusion":
-            ok = _sliced_in_fusion(module, user, name, elements, n)
+            ok = _sliced_in_fusion(module, user, name, elements, n, shapes)
         else:  # a slice of `name` itself (not of an offset) down to 1/n of its elements
             kept = _arrays(user.shape)
             ok = (
                 user.opcode == "dynamic-slice" and user.operands.count(name) == 1 and user.operands[0] == name
             )
             ok = ok and len(kept) == 1 and kept[0][0] * n == elements
+            sizes = _SLICE_SIZES_RE.search(user.attrs)
+            shapes.add(sizes[1] if sizes else user.shape)
         if not ok:
             return False
     return True
 
 
-def _sliced_in_fusion(module: _Module, fusion: _Instr, name: str, elements: int, n: int) -> bool:
+def _sliced_in_fusion(
+    module: _Module, fusion: _Instr, name: str, elements: int, n: int, shapes: set[str]
+) -> bool:
     fused = _called(module, fusion)
     params = _params(fused) if fused else {}
     slots = [k for k, o in enumerate(fusion.operands) if o == name]
-    return all(k in params and _sliced_only(module, fused, params[k], elements, n) for k in slots)
+    return all(k in params and _sliced_only(module, fused, params[k], elements, n, shapes) for k in slots)
 
 
 # --- Mesh attribution ---

@@ -61,7 +61,11 @@ def _constrain(x: Any, s: Sharding, mesh: jax.sharding.Mesh) -> Any:
 
 def _interpret(prop: Propagation, mesh: jax.sharding.Mesh, args: list[Any]) -> list[Any]:
     g: Graph = prop.graph
-    env: dict[int, Any] = dict(zip(g.inputs, args, strict=True))
+    # Inputs too: a loop body's parameters are otherwise free, and XLA then picks the loop carry's
+    # sharding from the constraints inside the body, not the one propagation gave it.
+    env: dict[int, Any] = {
+        vid: _constrain(x, prop.shardings[vid], mesh) for vid, x in zip(g.inputs, args, strict=True)
+    }
     for vid, val in g.consts.items():
         env[vid] = val
     for op in g.ops:
@@ -95,7 +99,11 @@ def _scan(op, body: Propagation, mesh, ins: list[Any]) -> list[Any]:
         return outs[:nk], outs[nk:]
 
     carry_out, ys = jax.lax.scan(
-        step, carry, xs, length=op.params["length"], reverse=op.params.get("reverse", False),
+        step,
+        carry,
+        xs,
+        length=op.params["length"],
+        reverse=op.params.get("reverse", False),
         unroll=op.params.get("unroll", 1),
     )
     return [*carry_out, *ys]
