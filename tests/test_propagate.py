@@ -108,7 +108,7 @@ CASES = [
 
 @pytest.mark.parametrize("name,fn,shapes,ins,out,colls", CASES, ids=[c[0] for c in CASES])
 def test_propagation_table(name, fn, shapes, ins, out, colls):
-    g, prop, got = _run(fn, shapes, ins)
+    _, prop, got = _run(fn, shapes, ins)
     assert prop.outputs[0] == out
     assert got == sorted(colls, key=_key)
 
@@ -120,7 +120,7 @@ def test_partial_sum_resolved_by_reduce_scatter_when_the_reader_wants_it_sharded
         grad = x.T @ dy  # contracts the batch: partial over data
         return mu + grad
 
-    g, prop, colls = _run(
+    _, prop, colls = _run(
         f, [(8, 16), (8, 32), (16, 32)], [S("data", None), S("data", None), S("data", None)]
     )
     assert colls == [(K.REDUCE_SCATTER, ("data",), 16 * 32 * 4)]
@@ -134,7 +134,7 @@ def test_named_constraint_reshards_the_value():
     def constraint(v: Value):
         return S(None, "model") if v.name == "activations/h/0" else None
 
-    g, prop, colls = _run(f, [(8, 16), (16, 32)], [S("data", None), S(None, None)], constraint=constraint)
+    _, prop, colls = _run(f, [(8, 16), (16, 32)], [S("data", None), S(None, None)], constraint=constraint)
     assert prop.outputs[0] == S(None, "model")
     assert colls == [(K.ALL_GATHER, ("data",), 8 * 32 * 4 // 4)]
 
@@ -143,7 +143,7 @@ def test_scan_body_collectives_count_each_trip():
     def f(ws, x):
         return jax.lax.scan(lambda c, w: (jnp.tanh(c @ w), None), x, ws)[0]
 
-    g, prop, _ = _run(f, [(3, 16, 16), (8, 16)], [S(None, "model", None), S("data", None)])
+    _, prop, _ = _run(f, [(3, 16, 16), (8, 16)], [S(None, "model", None), S("data", None)])
     (ar,) = [c for c in prop.collectives if c.kind is K.ALL_REDUCE]
     assert (ar.axes, ar.count, ar.total_bytes) == (("model",), 3, 3 * 4 * 16 * 4)
 
