@@ -144,7 +144,11 @@ def fused_values(g: Graph) -> frozenset[int]:
             continue
         for vid in op.outputs:
             readers = g.consumers.get(vid, ())
-            if vid not in outputs and readers and all(prims[r] in FUSIBLE or prims[r] in REDUCTIONS for r in readers):
+            if (
+                vid not in outputs
+                and readers
+                and all(prims[r] in FUSIBLE or prims[r] in REDUCTIONS for r in readers)
+            ):
                 fused.add(vid)
     return frozenset(fused)
 
