@@ -552,8 +552,16 @@ def scatter(in_shapes, out_shapes, params, additive: bool = False) -> OpRule:
             umap[ud] = b.new(updates[ud], FactorKind.LOCAL)
     scatter_dims = [d for d in range(len(updates)) if d not in window]
     index_dims = [d for d in range(len(indices)) if d != len(indices) - 1]
+    operand_batch = tuple(getattr(dn, "operand_batching_dims", ()))
+    index_batch = tuple(getattr(dn, "scatter_indices_batching_dims", ()))
     for ud, idim in zip(scatter_dims, index_dims, strict=True):
-        f = b.new(updates[ud], FactorKind.REDUCTION if additive else FactorKind.LOCAL)
+        if idim in index_batch:
+            # A batching dim pairs each update with its own operand slice: it passes through,
+            # as in a batched take_along_axis transpose, instead of summing over devices.
+            f = b.new(updates[ud])
+            xmap[operand_batch[index_batch.index(idim)]] = f
+        else:
+            f = b.new(updates[ud], FactorKind.REDUCTION if additive else FactorKind.LOCAL)
         umap[ud] = imap[idim] = f
     if indices:
         imap[-1] = b.new(indices[-1], FactorKind.LOCAL)

@@ -137,3 +137,20 @@ def test_embedding_gather_and_its_scatter_add():
     assert rule(scatter) == (
         "([i, j], [k, l, 1], [k, l, j])->([i, j]) {i=256, j=64, k=8, l=16} reduction={k, l} local={i}"
     )
+
+
+def test_batched_scatter_add_passes_its_batching_dims():
+    """The transpose of take_along_axis (HF losses): batch dims pass through instead of summing."""
+    from types import SimpleNamespace
+
+    dn = SimpleNamespace(
+        update_window_dims=(),
+        inserted_window_dims=(2,),
+        scatter_dims_to_operand_dims=(2,),
+        operand_batching_dims=(0, 1),
+        scatter_indices_batching_dims=(0, 1),
+    )
+    rule = rule_for(
+        "scatter-add", [(8, 15, 256), (8, 15, 1, 1), (8, 15, 1)], [(8, 15, 256)], {"dimension_numbers": dn}
+    )
+    assert str(rule) == "([i, j, k], [i, j, 1, 1], [i, j, 1])->([i, j, k]) {i=8, j=15, k=256} local={k}"
