@@ -1,27 +1,24 @@
 """Per-device memory of a propagated plan: arguments, outputs, donation, and peak temporaries by liveness.
 
 The model mirrors how XLA accounts a compiled step (`memory_analysis()`): argument buffers (each
-input's local shard), output buffers, minus outputs aliased onto donated inputs, plus the peak of
-temporaries. Temporaries are found by liveness over program order: a value that leaves a fusion
-(see cost_model.compute) occupies its local shard from the op that makes it until its last reader;
-an operand resharded for an op (a gathered weight, say) occupies its new layout while the op runs;
-a scan holds its stacked outputs and the peak of its body. Remat needs no special case: the
-recomputation is explicit in the differentiated program, so saved residuals are exactly the values
-that live from the forward pass into the backward pass.
+input's local shard), output buffers (plus the output tuple's table of pointers), minus outputs
+aliased onto donated inputs, plus the peak of temporaries, found by liveness over the per-device
+program (cost_model.liveness). What the backend compiler does that changes memory (combining
+collectives, lowering, copy insertion, scheduling) is a `Compiler`: `XLA_CPU`, `XLA_GPU`, or
+`compiler_for(hardware.name)`.
 
 The breakdown follows JAX's name stacks: values made under 'transpose(' are gradients, under
-'jvp(' activations, the rest (optimizer update, loss) temporaries.
+'jvp(' activations, the rest (optimizer update, loss, copies, loop bodies) temporaries.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping
 
-from ir.graph import Graph, Role
+from cost_model.liveness import XLA_CPU, XLA_GPU, Buffer, Compiler, compiler_for, local_bytes, peak, timeline
+from ir.graph import Role
 from ir.propagate import Propagation
-from ir.sharding import Sharding
 
 _INPUT_KINDS = {Role.PARAM: "params", Role.OPT_STATE: "optimizer_state", Role.BATCH: "batch"}
 
@@ -32,7 +29,7 @@ class MemoryReport:
 
     Attributes:
       arguments: every input's local shard.
-      outputs: every output's local shard.
+      outputs: every output's local shard, and the output tuple's pointer table.
       aliased: output bytes written into donated input buffers.
       temp: peak of live temporaries.
       by_kind: arguments by role and temporaries at the peak by kind (params, optimizer_state,
@@ -53,14 +50,16 @@ class MemoryReport:
         return self.arguments + self.outputs - self.aliased + self.temp
 
 
-def local_bytes(shape, itemsize: int, sharding: Sharding, mesh) -> int:
-    return itemsize * math.prod(
-        n // mesh.axes_size(axes) for n, axes in zip(shape, sharding.dims, strict=True)
-    )
+def memory(
+    prop: Propagation, donated: frozenset[int] | None = None, *, compiler: Compiler = XLA_CPU
+) -> MemoryReport:
+    """The memory report of a propagated top-level graph.
 
-
-def memory(prop: Propagation, donated: frozenset[int] | None = None) -> MemoryReport:
-    """The memory report of a propagated top-level graph."""
+    Args:
+      prop: the propagated step.
+      donated: input ids whose buffers outputs may reuse (default: the graph's donated inputs).
+      compiler: the backend's combiner and lowering choices; `compiler_for(hardware.name)`.
+    """
     g = prop.graph
     mesh = prop.mesh
     donated = g.donated if donated is None else donated
@@ -72,7 +71,8 @@ def memory(prop: Propagation, donated: frozenset[int] | None = None) -> MemoryRe
         args += b
         kind = _INPUT_KINDS.get(v.role, "inputs")
         by_kind[kind] = by_kind.get(kind, 0) + b
-    outs = 0
+    # A step with several results returns a tuple: a buffer of one pointer per result.
+    outs = compiler.pointer_bytes * len(g.outputs) if len(g.outputs) > 1 else 0
     aliased = 0
     used_donors: set[int] = set()
     for k, (vid, s) in enumerate(zip(g.outputs, prop.outputs, strict=True)):
@@ -85,7 +85,7 @@ def memory(prop: Propagation, donated: frozenset[int] | None = None) -> MemoryRe
             if local_bytes(sv.shape, sv.itemsize, prop.shardings[src], mesh) == b:
                 aliased += b
                 used_donors.add(src)
-    temp, live_at_peak = _peak(prop)
+    temp, live_at_peak = peak(timeline(prop, compiler))
     for name, b in live_at_peak:
         kind = _kind_of(name)
         by_kind[kind] = by_kind.get(kind, 0) + b
@@ -101,49 +101,15 @@ def _kind_of(name: str) -> str:
     return "temporaries"
 
 
-def _peak(prop: Propagation) -> tuple[int, list[tuple[str, int]]]:
-    """Peak bytes of temporaries over program order, and what is live at the peak."""
-    from cost_model.compute import fused_values
-
-    g: Graph = prop.graph
-    mesh = prop.mesh
-    fused = fused_values(g)
-    pinned = set(g.inputs) | set(g.outputs)
-    last_read: dict[int, int] = {}
-    for op in g.ops:
-        for vid in op.inputs:
-            last_read[vid] = op.id
-    size: dict[int, int] = {}
-    live: dict[int, int] = {}
-    current = peak = 0
-    at_peak: list[tuple[str, int]] = []
-    for op in g.ops:
-        # Operands read in another layout are copied into it for the op.
-        extra = 0
-        decided = prop.ops[op.id]
-        if decided is not None:
-            for vid, want in zip(op.inputs, decided.operands, strict=True):
-                if want != prop.shardings[vid] and vid not in fused:
-                    v = g.values[vid]
-                    extra += local_bytes(v.shape, v.itemsize, want, mesh)
-        inner = 0
-        for sub in prop.bodies.get(op.id, ()):
-            inner = max(inner, _peak(sub)[0])
-        made = 0
-        for vid in op.outputs:
-            if vid in fused or vid in pinned or vid not in last_read:
-                continue
-            v = g.values[vid]
-            b = local_bytes(v.shape, v.itemsize, prop.shardings[vid], mesh)
-            size[vid] = b
-            live[vid] = b
-            made += b
-        current += made
-        here = current + extra + inner
-        if here > peak:
-            peak = here
-            at_peak = [(g.values[v].name, b) for v, b in live.items()]
-        for vid in set(op.inputs):
-            if last_read.get(vid) == op.id and vid in live:
-                current -= live.pop(vid)
-    return peak, at_peak
+__all__ = [
+    "XLA_CPU",
+    "XLA_GPU",
+    "Buffer",
+    "Compiler",
+    "MemoryReport",
+    "compiler_for",
+    "local_bytes",
+    "memory",
+    "peak",
+    "timeline",
+]

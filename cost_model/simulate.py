@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from cost_model.collectives import collective_time
 from cost_model.compute import OpCost, op_costs, roofline_time
 from cost_model.hardware import Hardware, HardwareError
-from cost_model.memory import MemoryReport, memory
+from cost_model.memory import MemoryReport, compiler_for, memory
 from cost_model.meshes import MeshTopology, topology
 from ir.comm import Collective, CollectiveKind
 from ir.graph import Graph, Role
@@ -164,7 +164,7 @@ def _report(
             hideable_fwd += t
     exposed += max(0.0, hideable_bwd - bwd) + max(0.0, hideable_fwd - fwd)
     comm = sum(s for _, s in by_key.values())
-    mem = memory(prop)
+    mem = memory(prop, compiler=compiler_for(hw.name))
     rows.sort(key=lambda r: -r.seconds)
     return CostReport(
         step_time=compute + exposed,

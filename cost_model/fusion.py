@@ -1,0 +1,135 @@
+"""Which values of a propagated graph XLA writes to memory, and which share another's buffer.
+
+A value is computed inside the fusions that read it, never written, when its op is loop-fusible
+and every reader fuses it: a fusible op, or a reduction the backend fuses. A reduction that goes
+to a library (XLA:CPU's YNNPACK rewriter takes reductions of at least a few thousand elements)
+takes in only the elementwise producers no one else reads; a value it shares with other readers
+is written. An expensive value (exp, tanh, div, ...) read more than once is written once rather
+than recomputed in each reader (XLA's InstructionFusion will not duplicate it). A bool mask
+converted to a float and multiplied in is a select (XLA's algebraic simplifier). An annotation
+or a bitcast reshape shares its operand's buffer.
+
+This is the memory-side view of XLA's fusion; cost_model.compute replays XLA:CPU's fusion pass in
+full to count FLOPs.
+"""
+
+from __future__ import annotations
+
+import math
+
+from ir.propagate import Propagation
+from ir.rules import ELEMENTWISE
+
+# Ops whose result is their operand's buffer: annotations, and layout-preserving reshapes (bitcasts).
+_ALIASES = frozenset(
+    "name copy copy_p stop_gradient optimization_barrier sharding_constraint mesh_cast reshard "
+    "reshape squeeze expand_dims".split()
+)
+# Ops a loop fusion takes in: elementwise arithmetic and data movement without arithmetic.
+_LOOP_FUSIBLE = frozenset(ELEMENTWISE) | frozenset(
+    "broadcast_in_dim convert_element_type iota reshape squeeze expand_dims transpose slice rev pad "
+    "concatenate dynamic_slice select_n".split()
+)
+# Elementwise ops a fusion will not copy into each of several readers (XLA's IsExpensive).
+_EXPENSIVE = frozenset(
+    "exp exp2 expm1 log log1p tanh logistic sqrt rsqrt cbrt erf erfc erf_inv lgamma digamma pow div rem "
+    "atan atan2 asinh acos asin acosh atanh sinh cosh".split()
+)
+_REDUCTIONS = frozenset(
+    "reduce_sum reduce_max reduce_min reduce_prod reduce_and reduce_or reduce_xor".split()
+)
+# Elementwise ops the XLA:CPU library rewriter (YNNPACK) takes into a library reduction.
+_LIBRARY_ELEMENTWISE = frozenset(
+    "add add_any sub mul div max min pow square integer_pow abs ceil floor round sign neg exp expm1 log "
+    "log1p logistic rsqrt sqrt tanh erf convert_element_type broadcast_in_dim reshape squeeze expand_dims".split()
+)
+# Ops whose result XLA makes at whatever size it is read in (slicing them is simplified away).
+GENERATED = frozenset(("broadcast_in_dim", "iota"))
+
+
+def fused_and_aliased(
+    prop: Propagation, library_reduce_elements: int = 0
+) -> tuple[frozenset[int], dict[int, int]]:
+    """(values no buffer holds, value -> the value whose buffer it holds).
+
+    Args:
+      prop: a propagated graph (local sizes decide which reductions go to a library).
+      library_reduce_elements: see `cost_model.liveness.Compiler`; 0 for no library.
+
+    A value is computed inside the fusions that read it, never written, when its op is loop-
+    fusible and every reader fuses it: a fusible op, or a reduction the backend fuses (one that
+    goes to a library takes in only producers no one else reads). An expensive value (exp, tanh,
+    div, ...) read more than once is written once rather than recomputed in each reader. An
+    annotation or bitcast reshape shares its operand's buffer.
+    """
+    g = prop.graph
+    mesh = prop.mesh
+    readers = g.consumers
+    ops = g.ops
+
+    def elements(vid: int) -> int:
+        v = g.values[vid]
+        return math.prod(
+            n // mesh.axes_size(a) for n, a in zip(v.shape, prop.shardings[vid].dims, strict=True)
+        )
+
+    library: set[int] = set()  # ops inside a library reduction
+    if library_reduce_elements:
+        for op in reversed(g.ops):
+            if (
+                op.primitive in ("reduce_sum", "reduce_max", "reduce_min")
+                and elements(op.inputs[0]) >= library_reduce_elements
+            ):
+                if g.values[op.inputs[0]].dtype in ("float32", "bfloat16", "float16", "float64"):
+                    library.add(op.id)
+            elif (
+                op.primitive in _LIBRARY_ELEMENTWISE
+                and len(op.outputs) == 1
+                and readers.get(op.outputs[0])
+                and all(r in library for r in readers[op.outputs[0]])
+            ):
+                library.add(op.id)
+    alias: dict[int, int] = {}
+    for op in g.ops:
+        same_type = (
+            op.primitive == "convert_element_type"
+            and op.inputs
+            and g.values[op.inputs[0]].dtype == g.values[op.outputs[0]].dtype
+        )
+        if (
+            (op.primitive in _ALIASES or same_type)
+            and len(op.outputs) == 1
+            and op.inputs
+            and prop.ops[op.id] is not None
+        ):
+            src, vid = op.inputs[0], op.outputs[0]
+            if prop.ops[op.id].operands[0] == prop.shardings[src] and elements(src) == elements(vid):
+                alias[vid] = alias.get(src, src)
+    # The readers of a buffer: those of its value and of every value aliasing it.
+    group_readers: dict[int, set[int]] = {}
+    returned = {alias.get(vid, vid) for vid in g.outputs}
+    for vid in range(len(g.values)):
+        root = alias.get(vid, vid)
+        for r in readers.get(vid, ()):
+            if not (len(ops[r].outputs) == 1 and alias.get(ops[r].outputs[0]) == root):
+                group_readers.setdefault(root, set()).add(r)
+    fused: set[int] = set()
+    for op in g.ops:
+        if len(op.outputs) != 1 or op.primitive not in _LOOP_FUSIBLE or op.outputs[0] in alias:
+            continue
+        vid = op.outputs[0]
+        rs = group_readers.get(vid, ())
+        if vid in returned or not rs:
+            continue
+        mask = op.primitive == "convert_element_type" and g.values[op.inputs[0]].dtype == "bool"
+        if op.id in library or (mask and all(ops[r].primitive == "mul" for r in rs)):
+            # A library takes it in; or x * convert(mask) is simplified to select(mask, x, 0).
+            fused.add(vid)
+        elif len(rs) > 1 and op.primitive in _EXPENSIVE:
+            continue
+        elif all(
+            (ops[r].primitive in _LOOP_FUSIBLE or ops[r].primitive in _REDUCTIONS) and r not in library
+            for r in rs
+        ):
+            fused.add(vid)
+    return frozenset(fused), alias

@@ -1,0 +1,584 @@
+"""The per-device program a plan describes, as a timeline of buffers, under a model of the compiler.
+
+Each buffer is live from the step that writes it to the last step that reads it:
+  - a value that leaves a fusion (cost_model.fusion) occupies its local shard; an annotation or a
+    bitcast reshape shares its operand's buffer; a value computed inside its readers' fusions
+    keeps what it is computed from alive until its last reader;
+  - a value left as a pending partial sum occupies its partial buffer until the collective that
+    resolves it, whose result is a second buffer: input and output of a collective are both live;
+  - XLA's all-reduce combiner merges mutually independent all-reduces over the same mesh axes
+    into one (up to a byte threshold, `Compiler`), placed after the last of them: every data-
+    parallel gradient is then held twice at the end of the backward pass, partial and reduced;
+  - an operand read in another layout (a gathered weight, say) is one resharded copy per value
+    and layout (CSE merges the forward and backward gathers), live from its first reader to its
+    last; a slice of a broadcast is a smaller broadcast;
+  - a donated input also read off the path to the output that overwrites it is copied first
+    where copy insertion runs before scheduling (XLA:CPU);
+  - a scan holds its stacked outputs, loop-state buffers filled from zeros (which a breadth-first
+    schedule makes at the start, as they depend on nothing), and the peak of its body while it
+    runs.
+Dead ops (whose results no output needs) are dropped, as XLA's DCE does. Remat needs no special
+case: the recomputation is explicit in the differentiated program, so saved residuals are exactly
+the values that live from the forward pass into the backward pass. Steps follow program order,
+or XLA:CPU's breadth-first schedule; a collective waits for all its inputs and its readers wait
+for it.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import heapq
+import math
+from collections.abc import Callable, Iterator, Sequence
+
+from cost_model.fusion import GENERATED, fused_and_aliased
+from ir.comm import CollectiveKind
+from ir.graph import Graph, Op
+from ir.propagate import Propagation, reshard
+from ir.rules import FactorKind
+from ir.sharding import MeshShape, Sharding
+
+_SUMS = (CollectiveKind.ALL_REDUCE, CollectiveKind.REDUCE_SCATTER)
+_UNLIMITED = 2**63 - 1
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Compiler:
+    """What the backend compiler does to the sharded program that changes its memory.
+
+    Attributes:
+      name: the backend.
+      all_reduce_combine_bytes: XLA's all-reduce combiner merges independent all-reduces of the
+        same mesh axes and dtype into one tuple all-reduce of at most this many bytes (0: none).
+      reduce_scatter_combine_bytes: the same for reduce-scatters.
+      combine_count: the most collectives one combined collective holds.
+      reduce_scatter_as_all_reduce: a reduce-scatter is lowered as a full all-reduce and a local
+        slice (XLA:CPU), so its full-size result is live for a moment and it combines as an
+        all-reduce.
+      pointer_bytes: a tuple buffer (the step's outputs, a combined collective's results) is a
+        table of one pointer per element.
+      copies_donated_inputs: copy insertion runs before scheduling (XLA:CPU), so a donated input
+        that an op off the path to its overwriting output also reads is first copied: nothing
+        orders that read before the overwrite. (XLA:GPU elides copies again after scheduling.)
+      breadth_first: the scheduler runs every op as soon as its inputs are ready, first come first
+        served (XLA:CPU's BFScheduler, xla_cpu_enable_concurrency_optimized_scheduler); else ops
+        run in program order, a stand-in for a memory-aware list scheduler.
+      library_reduce_elements: reductions of at least this many local elements go to a library
+        (XLA:CPU's YNNPACK rewriter; 0: none), which takes in the elementwise producers only it
+        reads, while a value it shares with other readers must be written to memory.
+    """
+
+    name: str
+    all_reduce_combine_bytes: int
+    reduce_scatter_combine_bytes: int
+    combine_count: int = 256
+    reduce_scatter_as_all_reduce: bool = False
+    pointer_bytes: int = 8
+    copies_donated_inputs: bool = False
+    breadth_first: bool = False
+    library_reduce_elements: int = 0
+
+
+# xla/service/cpu/cpu_compiler.cc: CpuAllReduceCombiner(kCombineBytes = int64 max, kCombineCount =
+# 256); no reduce-scatter or all-gather combiner; reduce-scatter stays an all-reduce and a
+# dynamic-slice (docs/../JAX-NOTES: "The CPU backend keeps gradient synchronisation as all-reduce +
+# dynamic-slice").
+XLA_CPU = Compiler(
+    "xla-cpu",
+    all_reduce_combine_bytes=_UNLIMITED,
+    reduce_scatter_combine_bytes=0,
+    reduce_scatter_as_all_reduce=True,
+    copies_donated_inputs=True,
+    breadth_first=True,
+    library_reduce_elements=4096,  # xla/backends/cpu: YNNPACK's preferred reduce size
+)
+# xla/debug_options_flags.cc: xla_gpu_all_reduce_combine_threshold_bytes and
+# xla_gpu_reduce_scatter_combine_threshold_bytes default to 30 MiB, 256 ops per combined op.
+XLA_GPU = Compiler(
+    "xla-gpu",
+    all_reduce_combine_bytes=30 * 2**20,
+    reduce_scatter_combine_bytes=30 * 2**20,
+)
+
+
+def compiler_for(hardware_name: str) -> Compiler:
+    """The compiler model of a hardware preset: XLA:CPU for 'cpu', XLA:GPU otherwise (GPUs, and
+    TPUs, whose combiner thresholds are of the same order)."""
+    return XLA_CPU if hardware_name == "cpu" else XLA_GPU
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Buffer:
+    """One temporary buffer of the per-device program.
+
+    Attributes:
+      name: the value it holds; 'NAME [as written]' before its pending sum (or layout) is
+        resolved, 'NAME [all-reduced]' for the full sum before a slice, 'NAME -> [SPEC]' for a
+        resharded copy; '(scan body peak)' for a loop body's own temporaries.
+      value: the graph value id (-1 for none).
+      bytes: its size on one device.
+      start: the step that writes it.
+      end: the last step that reads it (>= start).
+    """
+
+    name: str
+    value: int
+    bytes: int
+    start: int
+    end: int
+
+
+def local_bytes(shape: Sequence[int], itemsize: int, sharding: Sharding, mesh: MeshShape) -> int:
+    """Bytes of one device's shard of a tensor of `shape` laid out as `sharding`."""
+    return itemsize * math.prod(
+        n // mesh.axes_size(axes) for n, axes in zip(shape, sharding.dims, strict=True)
+    )
+
+
+def peak(buffers: Sequence[Buffer]) -> tuple[int, list[tuple[str, int]]]:
+    """The most bytes live at one step, and the buffers live then (name, bytes)."""
+    delta: dict[int, int] = {}
+    for b in buffers:
+        delta[b.start] = delta.get(b.start, 0) + b.bytes
+        delta[b.end + 1] = delta.get(b.end + 1, 0) - b.bytes
+    best, best_step, current = 0, None, 0
+    for t in sorted(delta):
+        current += delta[t]
+        if current > best:
+            best, best_step = current, t
+    return best, [(b.name, b.bytes) for b in buffers if b.bytes and b.start <= best_step <= b.end]
+
+
+# --------------------------------------------------------------------------------- the timeline
+
+
+@dataclasses.dataclass(slots=True)
+class _Resolution:
+    """How a value is turned from the layout its op writes into the layout it is stored in."""
+
+    value: int
+    produced: Sharding
+    collectives: tuple  # the Collectives, in order
+    key: tuple | None  # combiner key (kind, axes, dtype) when the first collective can combine
+    bytes: int  # bytes of the combinable collective
+
+
+def _produced(prop: Propagation, op: Op, k: int) -> Sharding:
+    """The layout op writes its k-th result in: its factors' axes, and a pending sum over the
+    axes of its sharded reduction factors."""
+    vid = op.outputs[k]
+    decided = prop.ops[op.id]
+    if decided is None or op.rule is None:
+        return prop.shardings[vid]
+    f = decided.factors
+    dims = tuple(tuple(a for x in fs for a in f[x]) for fs in op.rule.results[k])
+    partial = frozenset(a for x in op.rule.factors_of(FactorKind.REDUCTION) for a in f[x])
+    return Sharding(dims, partial)
+
+
+def _sum_groups(prop: Propagation, op: Op) -> tuple[tuple[str, ...], ...]:
+    f = prop.ops[op.id].factors
+    return tuple(f[x] for x in reversed(op.rule.factors_of(FactorKind.REDUCTION)) if f[x])
+
+
+def _resolution(prop: Propagation, op: Op, k: int, compiler: Compiler) -> _Resolution | None:
+    vid = op.outputs[k]
+    v = prop.graph.values[vid]
+    produced = _produced(prop, op, k)
+    stored = prop.shardings[vid]
+    if produced == stored:
+        return None
+    groups = _sum_groups(prop, op) if produced.partial else None
+    colls, _ = reshard(v, produced, Sharding(stored.dims), prop.mesh, groups)
+    colls = tuple(colls)
+    key = None
+    nbytes = 0
+    if colls and colls[0].kind in _SUMS:
+        kind = colls[0].kind
+        axes = colls[0].axes
+        if compiler.reduce_scatter_as_all_reduce and kind is CollectiveKind.REDUCE_SCATTER:
+            # One all-reduce over every pending axis, then this device's slice.
+            kind = CollectiveKind.ALL_REDUCE
+            axes = tuple(a for a in prop.mesh.axes if a in produced.partial)
+        key = (kind, axes, v.dtype)
+        nbytes = local_bytes(v.shape, v.itemsize, Sharding(produced.dims), prop.mesh)
+        if kind is CollectiveKind.REDUCE_SCATTER:
+            nbytes = local_bytes(v.shape, v.itemsize, stored, prop.mesh)
+    return _Resolution(vid, produced, colls, key, nbytes)
+
+
+def _combine(g: Graph, order: list[Op], cands: list[_Resolution], compiler: Compiler) -> list[list[int]]:
+    """Groups of candidate indices XLA's combiner merges (xla/service/collective_combiner_utils.h,
+    CombineInstructionsByKey): in program order, the first remaining candidate opens a group of
+    its key; later candidates of that key join while the bytes stay under the threshold, until
+    one depends on a member (the group closes). Repeat until every candidate is placed. A merged
+    group makes everything that read one member's result depend on every member's input."""
+    if not cands:
+        return []
+    index_of = {c.value: i for i, c in enumerate(cands)}
+    producer = g.producer
+    limit = {
+        CollectiveKind.ALL_REDUCE: compiler.all_reduce_combine_bytes,
+        CollectiveKind.REDUCE_SCATTER: compiler.reduce_scatter_combine_bytes,
+    }
+    # anc[c]: the candidates (a bitset) whose reduced results candidate c's input depends on.
+    after: dict[int, int] = {}  # value id -> what its readers inherit
+    at_op: dict[int, int] = {}
+    for op in order:
+        bits = 0
+        for u in op.inputs:
+            bits |= after.get(u, 0)
+        at_op[op.id] = bits
+        for u in op.outputs:
+            c = index_of.get(u)
+            after[u] = bits if c is None else bits | 1 << c
+    anc = [at_op[producer[c.value]] for c in cands]
+
+    remaining = list(range(len(cands)))
+    groups: list[list[int]] = []
+    while remaining:
+        chosen: list[int] = []
+        key = None
+        total = 0
+        for c in list(remaining):
+            if not chosen:
+                key = cands[c].key
+            if cands[c].key != key:
+                continue
+            cap = limit[key[0]]
+            if cands[c].bytes > cap:
+                remaining.remove(c)
+                groups.append([c])
+                continue
+            if total + cands[c].bytes > cap:
+                break
+            # Dependent either way (a merged group can make an earlier op wait on a later one).
+            if any(anc[c] >> m & 1 or anc[m] >> c & 1 for m in chosen):
+                break
+            chosen.append(c)
+            total += cands[c].bytes
+            remaining.remove(c)
+            if len(chosen) >= compiler.combine_count:
+                break
+        if chosen:
+            groups.append(chosen)
+        if len(chosen) > 1:
+            # Whoever depended on one member now depends on every member's inputs. The sets stay
+            # transitively closed, so one sweep suffices.
+            bits = mask = 0
+            for m in chosen:
+                bits |= 1 << m
+                mask |= anc[m] | 1 << m
+            for c in range(len(cands)):
+                if anc[c] & bits:
+                    anc[c] |= mask
+    return groups
+
+
+def timeline(prop: Propagation, compiler: Compiler = XLA_CPU) -> list[Buffer]:
+    """The temporary buffers of one propagated graph, with the steps that write and last read them.
+
+    Arguments and the buffers of outputs are not temporaries; everything else that is written is:
+    op results, partial sums and their reduced results, resharded copies, copies of donated
+    inputs. A loop or branch appears as one buffer, its body's own peak, at the step it runs.
+
+    Args:
+      prop: a propagated graph (a step, or a loop body).
+      compiler: the backend's choices (see `Compiler`).
+    """
+    g = prop.graph
+    mesh = prop.mesh
+    fused, alias = fused_and_aliased(prop, compiler.library_reduce_elements)
+    order = [op for op in g.ops if op.id in g.live_ops]
+    pinned = {alias.get(v, v) for v in (*g.inputs, *g.outputs)}
+
+    resolutions: dict[int, _Resolution] = {}
+    for op in order:
+        for k, vid in enumerate(op.outputs):
+            r = _resolution(prop, op, k, compiler)
+            if r is not None:
+                resolutions[vid] = r
+    cands = [r for r in resolutions.values() if r.key is not None]
+    groups = [[cands[m] for m in members] for members in _combine(g, order, cands, compiler)]
+    groups += [[r] for r in resolutions.values() if r.key is None]
+
+    def size(vid: int, s: Sharding) -> int:
+        v = g.values[vid]
+        return local_bytes(v.shape, v.itemsize, s, mesh)
+
+    memo: dict[int, frozenset[int]] = {}
+
+    def sources(vid: int) -> frozenset[int]:
+        """The buffers a fused value is computed from."""
+        if vid not in memo:
+            out: set[int] = set()
+            for u in g.ops[g.producer[vid]].inputs:
+                out |= sources(u) if u in fused else {alias.get(u, u)}
+            memo[vid] = frozenset(out)
+        return memo[vid]
+
+    step = 0
+    written: dict[int, int] = {}  # value id -> step its stored buffer is written
+    last_read: dict[int, int] = {}  # value id -> last step that reads its stored buffer
+    copies: dict[tuple[int, tuple], list] = {}  # (value, dims) -> [bytes, first step, last step]
+    out: list[Buffer] = []
+    partial: dict[int, int] = {}  # value id -> index in `out` of the buffer its op writes
+    op_step: dict[int, int] = {}
+    sliced = _loop_slices(prop)  # broadcast value -> the most bytes a reader reads it in
+    for op, sums in _schedule(g, order, groups, compiler.breadth_first):
+        if op is None:
+            step = _collective(g, sums, step, out, partial, written, size, compiler)
+            continue
+        decided = prop.ops[op.id]
+        wants = decided.operands if decided is not None else (None,) * len(op.inputs)
+        targets = []
+        for vid, want in zip(op.inputs, wants, strict=True):
+            if want is None or want.dims == prop.shardings[vid].dims:
+                targets.append(None)
+                continue
+            key = (vid, want.dims)
+            if key not in copies:
+                colls, _ = reshard(g.values[vid], prop.shardings[vid], Sharding(want.dims), mesh)
+                if not colls and vid in fused:
+                    targets.append(None)  # a local slice of a fused value fuses too
+                    continue
+                if not colls and vid in g.producer and g.ops[g.producer[vid]].primitive in GENERATED:
+                    # A slice of a broadcast or iota is a smaller one: made at the size read.
+                    sliced[vid] = max(sliced.get(vid, 0), size(vid, want))
+                    targets.append(None)
+                    continue
+                step += 1
+                copies[key] = [size(vid, want), step, step]
+                root = alias.get(vid, vid)
+                last_read[root] = max(last_read.get(root, 0), step)
+            targets.append(key)
+        step += 1
+        op_step[op.id] = step
+        subs = prop.bodies.get(op.id)
+        if subs:  # a loop or branch: its body's own peak while it runs
+            inner = max(peak(timeline(sub, compiler))[0] for sub in subs)
+            out.append(Buffer(f"({op.primitive} body peak)", -1, inner, step, step))
+        for vid, key, want in zip(op.inputs, targets, wants, strict=True):
+            if key is not None:
+                copies[key][2] = step
+            elif vid in fused:  # recomputed here from its operands, which must still be live
+                for s in sources(vid):
+                    last_read[s] = step
+            else:
+                last_read[alias.get(vid, vid)] = step
+                if vid in sliced and want is not None and want.dims == prop.shardings[vid].dims:
+                    sliced[vid] = size(vid, prop.shardings[vid])
+        stacked = op.outputs[op.params["num_carry"] :] if op.primitive == "scan" else ()
+        for vid in op.outputs:
+            # A scan's stacked outputs are loop-state buffers filled from zeros, which depend on
+            # nothing: a breadth-first schedule makes them at the start.
+            written[vid] = 1 if vid in stacked and compiler.breadth_first else step
+            r = resolutions.get(vid)
+            if r is not None:
+                # The buffer the op writes, until the collective that reads it (set below).
+                partial[vid] = len(out)
+                out.append(
+                    Buffer(
+                        f"{g.values[vid].name} [as written]",
+                        vid,
+                        size(vid, Sharding(r.produced.dims)),
+                        step,
+                        step,
+                    )
+                )
+    for vid in g.outputs:
+        last_read[alias.get(vid, vid)] = step
+    if compiler.copies_donated_inputs:
+        out += _donated_copies(prop, order, groups, alias, op_step, size)
+    for vid, s in written.items():
+        if vid in fused or vid in pinned or vid in alias or vid not in last_read:
+            continue
+        b = sliced[vid] if vid in sliced else size(vid, prop.shardings[vid])
+        out.append(Buffer(g.values[vid].name, vid, b, s, max(s, last_read[vid])))
+    for (vid, dims), (b, first, last) in copies.items():
+        out.append(Buffer(f"{g.values[vid].name} -> {_spec(dims)}", vid, b, first, last))
+    return out
+
+
+def _loop_slices(prop: Propagation) -> dict[int, int]:
+    """Broadcasts and iotas a loop takes as constants and whose body reads them only sliced
+    locally: value -> bytes of the largest slice read (XLA makes the smaller broadcast)."""
+    g = prop.graph
+    out: dict[int, int] = {}
+    for op in g.ops:
+        subs = prop.bodies.get(op.id)
+        if op.primitive != "scan" or not subs:
+            continue
+        sub = subs[0]
+        for k, vid in enumerate(op.inputs[: op.params["num_consts"]]):
+            if vid not in g.producer or g.ops[g.producer[vid]].primitive not in GENERATED:
+                continue
+            b = sub.graph.inputs[k]
+            v = sub.graph.values[b]
+            largest = 0
+            for r in sub.graph.consumers.get(b, ()):
+                decided = sub.ops[r]
+                wants = (
+                    [w for u, w in zip(sub.graph.ops[r].inputs, decided.operands, strict=True) if u == b]
+                    if decided
+                    else [None]
+                )
+                for w in wants:
+                    if w is None or reshard(v, sub.shardings[b], Sharding(w.dims), prop.mesh)[0]:
+                        largest = -1
+                        break
+                    largest = max(largest, local_bytes(v.shape, v.itemsize, w, prop.mesh))
+                if largest < 0:
+                    break
+            if largest >= 0:  # 0: the body does not read it (XLA drops it from the loop)
+                out[vid] = max(out.get(vid, 0), largest)
+    return out
+
+
+def _schedule(
+    g: Graph, order: list[Op], groups: list[list[_Resolution]], breadth_first: bool
+) -> Iterator[tuple[Op | None, list[_Resolution] | None]]:
+    """The order the ops and (combined) collectives run in. Yields (op, None) and (None, group).
+
+    Program order, each collective right after the last op that writes one of its inputs and the
+    ops that need its results moved after it, as any scheduler must; or, `breadth_first`, XLA's
+    BFScheduler: every node runs as soon as its inputs are ready, first come first served.
+    """
+    position = {op.id: i for i, op in enumerate(order)}
+    producer = g.producer
+    # Nodes: an op by its id, a collective group k by -1 - k. Rank: program order, a collective
+    # just after the last op that writes one of its inputs.
+    group_of = {r.value: -1 - k for k, members in enumerate(groups) for r in members}
+    rank = {op.id: 2 * position[op.id] for op in order}
+    deps: dict[int, set[int]] = {}
+    for k, members in enumerate(groups):
+        deps[-1 - k] = {producer[r.value] for r in members}
+        rank[-1 - k] = 2 * max(position[producer[r.value]] for r in members) + 1
+    for op in order:
+        deps[op.id] = {
+            group_of[u] if u in group_of else producer[u]
+            for u in op.inputs
+            if u in group_of or (u in producer and producer[u] in position)
+        }
+    users: dict[int, list[int]] = {n: [] for n in deps}
+    for n, ds in deps.items():
+        for d in ds:
+            users[d].append(n)
+    for n in users:
+        users[n].sort(key=rank.__getitem__)
+    pending = {n: len(ds) for n, ds in deps.items()}
+    ready = sorted((n for n, c in pending.items() if not c), key=rank.__getitem__)
+    if breadth_first:
+        queue = collections.deque(ready)
+        pop, push = queue.popleft, queue.append
+    else:  # the ready node earliest in program order
+        heap = [(rank[n], n) for n in ready]
+
+        def pop():
+            return heapq.heappop(heap)[1]
+
+        def push(n):
+            heapq.heappush(heap, (rank[n], n))
+
+        queue = heap
+    done = 0
+    while queue:
+        n = pop()
+        done += 1
+        yield (g.ops[n], None) if n >= 0 else (None, groups[-1 - n])
+        for u in users[n]:
+            pending[u] -= 1
+            if not pending[u]:
+                push(u)
+    if done != len(deps):  # only a cycle leaves nodes waiting
+        raise RuntimeError("memory: combined collectives that depend on each other; this is a bug.")
+
+
+def _collective(
+    g: Graph,
+    group: list[_Resolution],
+    step: int,
+    out: list[Buffer],
+    partial: dict[int, int],
+    written: dict[int, int],
+    size: Callable[[int, Sharding], int],
+    compiler: Compiler,
+) -> int:
+    """Appends the buffers of one (combined) collective at the next step; returns the last step."""
+    step += 1
+    if len(group) > 1:  # a tuple-shaped collective: its table of pointers
+        out.append(Buffer("(combined collective)", -1, compiler.pointer_bytes * len(group), step, step))
+    sliced = False
+    for r in group:
+        vid = r.value
+        out[partial[vid]] = dataclasses.replace(out[partial[vid]], end=step)
+        written[vid] = step
+        if (
+            compiler.reduce_scatter_as_all_reduce
+            and r.key
+            and r.collectives[0].kind is CollectiveKind.REDUCE_SCATTER
+        ):
+            # An all-reduce at the written size, then this device's slice one step on.
+            full = size(vid, Sharding(r.produced.dims))
+            out.append(Buffer(f"{g.values[vid].name} [all-reduced]", vid, full, step, step + 1))
+            written[vid] = step + 1
+            sliced = True
+    return step + sliced
+
+
+def _donated_copies(
+    prop: Propagation,
+    order: list[Op],
+    groups: list[list[_Resolution]],
+    alias: dict[int, int],
+    op_step: dict[int, int],
+    size: Callable[[int, Sharding], int],
+) -> list[Buffer]:
+    """The copies copy insertion makes of donated inputs read by an op that does not lead to the
+    output overwriting them: live from the first read to the last."""
+    g = prop.graph
+    targets: dict[int, int] = {}  # donated input -> bit of the output that overwrites it
+    bits_of: dict[int, int] = {}  # value (buffer root) -> bits of the aliased outputs it is
+    for k, (vid, src) in enumerate(zip(g.outputs, g.output_alias, strict=False)):
+        if src in g.donated and src >= 0:
+            targets[src] = 1 << k
+            root = alias.get(vid, vid)
+            bits_of[root] = bits_of.get(root, 0) | 1 << k
+    if not targets:
+        return []
+    merged = {r.value: members for members in groups if len(members) > 1 for r in members}
+    # Per op, the aliased outputs it leads to; a combined collective joins its members' readers.
+    leads: dict[int, int] = {}
+    via: dict[int, int] = {}  # value -> outputs its readers lead to
+    while True:
+        before = dict(leads)
+        for op in reversed(order):
+            bits = 0
+            for u in op.outputs:
+                root = alias.get(u, u)
+                b = bits_of.get(root, 0)
+                for m in merged.get(u, ()):
+                    b |= via.get(m.value, 0)
+                bits |= b | via.get(u, 0)
+            leads[op.id] = bits
+            for u in op.inputs:
+                via[u] = via.get(u, 0) | bits
+        if leads == before:
+            break
+    reads: dict[int, list[int]] = {}  # donated input -> ops that read its buffer
+    for op in order:
+        for u in dict.fromkeys(alias.get(u, u) for u in op.inputs):
+            if u in targets:
+                reads.setdefault(u, []).append(op.id)
+    out = []
+    for src, ops in reads.items():
+        if any(not leads[o] & targets[src] for o in ops):
+            steps = [op_step[o] for o in ops]
+            b = size(src, prop.shardings[src])
+            out.append(Buffer(f"{g.values[src].name} (copy)", src, b, min(steps), max(steps)))
+    return out
+
+
+def _spec(dims: tuple[tuple[str, ...], ...]) -> str:
+    return "[" + ", ".join("+".join(axes) if axes else "-" for axes in dims) + "]"

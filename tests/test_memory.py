@@ -1,0 +1,169 @@
+"""Per-device memory by liveness: closed forms for small programs, each buffer counted by hand."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from auto_partition.workloads import resolve
+from cost_model.memory import XLA_CPU, XLA_GPU, Buffer, compiler_for, memory, peak
+from ir.propagate import propagate, propagate_plan
+from ir.sharding import MeshShape, Sharding
+from ir.trace import trace
+from ir.workload import Workload
+from search.baselines import baseline_plans
+
+F32 = 4
+ONE = MeshShape(("data",), (8,))  # everything replicated: local bytes are global bytes
+FOUR = MeshShape(("data",), (4,))
+IN_ORDER = dataclasses.replace(XLA_CPU, breadth_first=False)
+
+
+def _prop(fn, shapes, names, mesh=ONE, shardings=(), donate=()):
+    args = tuple(jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes)
+    g = trace(Workload(fn, args, donate_argnums=donate, arg_names=names))
+    inputs = {vid: s for vid, s in zip(g.inputs, shardings, strict=False) if s is not None}
+    outputs = {k: inputs[a] for k, a in enumerate(g.output_alias) if a in inputs}
+    return propagate(g, mesh, inputs, outputs=outputs)
+
+
+def test_peak_of_a_timeline():
+    buffers = [Buffer("a", 0, 100, 0, 2), Buffer("b", 1, 50, 1, 3), Buffer("c", 2, 70, 3, 4)]
+    assert peak(buffers) == (150, [("a", 100), ("b", 50)])
+    assert peak([]) == (0, [])
+
+
+@pytest.mark.parametrize("compiler", [XLA_CPU, XLA_GPU])
+def test_a_chain_of_matmuls_holds_two_results(compiler):
+    # y1 = x @ w lives until y2 = y1 @ w is written; y3 is the output.
+    prop = _prop(lambda x, w: ((x @ w) @ w) @ w, [(64, 64), (64, 64)], ("x", "params"))
+    r = memory(prop, compiler=compiler)
+    assert (r.arguments, r.outputs, r.aliased) == (2 * 64 * 64 * F32, 64 * 64 * F32, 0)
+    assert r.temp == 2 * 64 * 64 * F32
+
+
+def test_a_fused_value_keeps_what_it_is_computed_from():
+    # h * 2 is never written: the reduction recomputes it from h, so h lives until then, beside z.
+    def f(x, w1, w2):
+        h = x @ w1
+        z = x @ w2
+        return (h * 2.0 + z).sum()
+
+    prop = _prop(f, [(32, 32)] * 3, ("x", "params", "weights"))
+    assert memory(prop, compiler=IN_ORDER).temp == 2 * 32 * 32 * F32
+
+
+def test_donated_params_are_updated_in_place():
+    prop = _prop(
+        lambda params, x: (params - 0.1 * (x @ params),), [(32, 32), (32, 32)], ("params", "x"), donate=(0,)
+    )
+    r = memory(prop)
+    w = 32 * 32 * F32
+    assert (r.arguments, r.outputs, r.aliased, r.temp) == (2 * w, w, w, w)
+    assert r.peak == 3 * w  # params (then the new params), x, and x @ params
+
+
+def test_a_donated_input_read_off_its_update_path_is_copied_on_cpu_only():
+    # params * 2 overwrites params; the matmul also reads params but does not lead there, so copy
+    # insertion before scheduling (XLA:CPU) keeps a copy of params for it.
+    prop = _prop(
+        lambda params, x: (params * 2.0, (x @ params).sum()),
+        [(32, 32), (32, 32)],
+        ("params", "x"),
+        donate=(0,),
+    )
+    w = 32 * 32 * F32
+    no_copies = dataclasses.replace(XLA_CPU, copies_donated_inputs=False)
+    assert memory(prop).temp - memory(prop, compiler=no_copies).temp == w
+    assert not XLA_GPU.copies_donated_inputs
+
+
+def test_several_outputs_are_a_tuple_of_pointers():
+    prop = _prop(lambda x: (x * 2.0, x * 3.0), [(16, 16)], ("x",))
+    assert memory(prop).outputs == 2 * 16 * 16 * F32 + 2 * 8
+
+
+def test_a_scan_holds_its_stacked_outputs_and_its_body():
+    # Per step (x @ w) is written before it is doubled into the step's slice of ys [4, 16, 32];
+    # the sum reads ys after the loop.
+    def f(xs, w):
+        _, ys = jax.lax.scan(lambda c, x: (c, (x @ w) * 2.0), 0.0, xs)
+        return ys.sum()
+
+    prop = _prop(f, [(4, 16, 32), (32, 32)], ("x", "params"))
+    ys = 4 * 16 * 32 * F32
+    step = 16 * 32 * F32
+    assert memory(prop).temp == memory(prop, compiler=IN_ORDER).temp == ys + step
+
+
+def test_a_breadth_first_schedule_makes_a_scans_outputs_first():
+    # Breadth first, ys (filled from zeros, which depend on nothing) is made at the start, and
+    # the loop, whose inputs are ready, runs before the sum that reads xs @ w: ys, xs @ w and the
+    # body together. In program order xs @ w is summed before the loop.
+    def f(xs, w):
+        first = jnp.tanh(xs @ w).sum()
+        _, ys = jax.lax.scan(lambda c, x: (c, (x @ w) * 2.0), 0.0, xs)
+        return ys.sum() + first
+
+    prop = _prop(f, [(4, 16, 32), (32, 32)], ("x", "params"))
+    ys = 4 * 16 * 32 * F32
+    step = 16 * 32 * F32
+    assert memory(prop, compiler=IN_ORDER).temp == ys + step + F32  # and the first sum
+    assert memory(prop).temp == ys + ys + step
+
+
+def test_a_resharded_operand_is_one_copy_from_first_to_last_reader():
+    # w is sharded like FSDP; both matmuls read it gathered: one 32x16 copy, live across both,
+    # beside the two [64/4, 16] results.
+    rows = Sharding.from_spec(["data", None])
+    prop = _prop(
+        lambda x, data, params: x @ params + data @ params,
+        [(64, 32), (64, 32), (32, 16)],
+        ("x", "data", "params"),
+        mesh=FOUR,
+        shardings=(rows, rows, rows),
+    )
+    assert memory(prop).temp == 32 * 16 * F32 + 2 * (64 // 4) * 16 * F32
+
+
+def test_independent_all_reduces_are_combined_and_held_together():
+    # Two weight-gradient-like contractions over the sharded batch: each result is a pending sum.
+    def f(x, data, inputs, batch):
+        return jnp.einsum("bi,bj->ij", x, inputs).sum() + jnp.einsum("bi,bj->ij", data, batch).sum()
+
+    rows = Sharding.from_spec(["data", None])
+    prop = _prop(
+        f, [(32, 16), (32, 16), (32, 8), (32, 8)], ("x", "data", "inputs", "batch"), FOUR, (rows,) * 4
+    )
+    s = 16 * 8 * F32
+    # Combined (XLA:CPU, no byte limit): both partial and both reduced sums live at the tuple
+    # all-reduce, with its table of two pointers.
+    assert memory(prop).temp == 4 * s + 2 * 8
+    # One at a time. Breadth first, both contractions run before either sum is reduced: the
+    # first reduced sum waits beside the second's partial and reduced sums.
+    apart = dataclasses.replace(XLA_CPU, all_reduce_combine_bytes=0)
+    assert memory(prop, compiler=apart).temp == 3 * s
+    # In program order the first is summed to a scalar before the second is computed.
+    assert memory(prop, compiler=dataclasses.replace(apart, breadth_first=False)).temp == 2 * s + F32
+
+
+def test_data_parallel_mlp_holds_every_gradient_twice():
+    # XLA:CPU combines the gradient all-reduces into one at the end of the backward pass: every
+    # partial and every reduced gradient is live then (and the loss, partial and reduced, and
+    # the seven-element tuple's pointers).
+    g = trace(resolve("mlp"))
+    prop = propagate_plan(g, baseline_plans(g, ONE)["dp"])
+    params = sum(v.nbytes for v in g.input_values() if v.role.value == "param")
+    r = memory(prop)
+    assert r.temp == 2 * params + 2 * F32 + 7 * 8
+    assert r.by_kind["gradients"] == 2 * params
+
+
+def test_compiler_presets():
+    assert compiler_for("cpu") is XLA_CPU
+    assert compiler_for("h100") is XLA_GPU
+    assert XLA_CPU.reduce_scatter_as_all_reduce and not XLA_GPU.reduce_scatter_as_all_reduce
+    assert XLA_GPU.all_reduce_combine_bytes == 30 * 2**20
