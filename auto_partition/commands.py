@@ -110,7 +110,8 @@ def cmd_baselines(args) -> int:
     return 0
 
 
-def cmd_verify(args) -> int:
+def plan_and_workload(args):
+    """The plan file `args.plan` and the workload it records (or `--model`), fingerprint-checked."""
     plan = load_plan_file(args.plan)
     source = args.model or plan.provenance.workload
     if not source:
@@ -118,15 +119,20 @@ def cmd_verify(args) -> int:
             f"{args.plan} does not record its workload (provenance.workload); pass --model NAME or "
             "--model package.module:function."
         )
-    name = os.path.basename(args.plan)
     w = resolve(source)
     check_fingerprint(
         plan,
         w.fingerprint(),
         allow_mismatch=args.allow_fingerprint_mismatch,
-        source=name,
+        source=os.path.basename(args.plan),
         model=w.source,
     )
+    return plan, w
+
+
+def cmd_verify(args) -> int:
+    plan, w = plan_and_workload(args)
+    name = os.path.basename(args.plan)
     check_mesh(plan.mesh)
     try:
         checks = check_plans(

@@ -5,27 +5,19 @@ from __future__ import annotations
 import os
 
 from auto_partition.cli import _fmt_bytes, emit_json
-from auto_partition.workloads import resolve
 from cost_model.hardware import load_hardware
 from cost_model.memory import local_bytes
 from cost_model.simulate import CostReport, Overlap, simulate
 from ir.graph import Role
-from ir.plan import PlanError, name_pattern
-from ir.plan_yaml import check_fingerprint, load_plan_file
+from ir.plan import name_pattern
 from ir.propagate import propagate_plan
 from ir.trace import trace
 
 
 def cmd_explain(args) -> int:
-    plan = load_plan_file(args.plan)
-    source = args.model or plan.provenance.workload
-    if not source:
-        raise PlanError(
-            f"{args.plan} does not record its workload (provenance.workload); pass --model NAME or "
-            "--model package.module:function."
-        )
-    w = resolve(source)
-    check_fingerprint(plan, w.fingerprint(), allow_mismatch=args.allow_fingerprint_mismatch)
+    from auto_partition.commands import plan_and_workload
+
+    plan, w = plan_and_workload(args)
     hw = load_hardware(args.hardware)
     g = trace(w)
     prop = propagate_plan(g, plan)
