@@ -897,7 +897,7 @@ def _library_fusions(insts: list[_Inst], order: list[int], users: list[list[int]
         if inst.kind is not _Kind.ELEMENTWISE or inst.name not in _LIBRARY_ELEMENTWISE or not inst.floating:
             return False
         # The library only takes elementwise work big enough to pay for the call.
-        return max(inst.elements, *(insts[o].elements for o in inst.operands)) >= _LIBRARY_MIN_ELEMENTS
+        return max((inst.elements, *(insts[o].elements for o in inst.operands))) >= _LIBRARY_MIN_ELEMENTS
 
     for start in reversed(order):
         if not insts[start].library or start in group:

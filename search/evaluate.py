@@ -9,8 +9,10 @@ import time
 from cost_model.meshes import topology
 from cost_model.simulate import CostReport, Overlap, simulate_propagation
 from ir.graph import Role
+from ir.plan import Plan, Provenance
 from ir.propagate import Propagation, propagate
-from search.problem import CurvePoint, SearchProblem
+from search.baselines import baseline_plans
+from search.problem import Budget, CurvePoint, SearchProblem, SearchResult, Status
 from search.space import Assignment, DecisionSpace
 
 
@@ -98,6 +100,68 @@ class Evaluator:
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
+
+    def exhausted(self, budget: Budget, *, margin: float = 0.0) -> bool:
+        """Whether the budget is spent (`margin`: seconds to keep in hand for finishing)."""
+        if budget.evaluations is not None and self.evaluations >= budget.evaluations:
+            return True
+        return budget.seconds is not None and self.elapsed() >= budget.seconds - margin
+
+    def seeds(self) -> list[Assignment]:
+        """Good starting points every searcher may use: the expert baselines mapped into the
+        decision space (those that are valid assignments), then the fully replicated plan."""
+        out: list[Assignment] = []
+        for plan in baseline_plans(self.problem.graph, self.problem.mesh).values():
+            a = self.space.assignment_of(plan)
+            if a is not None and a not in out:
+                out.append(a)
+        if self.space.empty not in out:
+            out.append(self.space.empty)
+        return out
+
+    def best_assignment(self) -> Assignment:
+        """The best assignment scored so far (the replicated plan if none was)."""
+        return self.best[1] if self.best is not None else self.space.empty
+
+    def result(
+        self,
+        searcher: str,
+        *,
+        seed: int | None = None,
+        status: Status | None = None,
+        stats: dict | None = None,
+        front: tuple[tuple[Plan, object], ...] = (),
+    ) -> SearchResult:
+        """The SearchResult of the best assignment scored so far.
+
+        Args:
+          searcher: recorded in the plan's provenance.
+          seed: the searcher's seed, recorded too.
+          status: default: FEASIBLE if the best plan fits, INFEASIBLE if not, TIMED_OUT if
+            nothing was scored.
+          stats: searcher-specific numbers; evaluations and seconds are added.
+          front: Pareto front for the time-and-memory objective.
+        """
+        best = self.best_assignment()
+        if self.best is None:
+            self.score(best)
+        score = self.cache[best]
+        if status is None:
+            status = Status.FEASIBLE if score.fits else Status.INFEASIBLE
+        workload, fingerprint = self.problem.source
+        prov = Provenance(
+            fingerprint=fingerprint,
+            workload=workload,
+            hardware=self.problem.hardware.name,
+            searcher=searcher,
+            seed=seed,
+            solver_status=status.value,
+        )
+        plan = self.space.plan(best, prov)
+        report = self.report(best)
+        all_stats = {"evaluations": self.evaluations, "seconds": round(self.elapsed(), 3)}
+        all_stats.update(stats or {})
+        return SearchResult(plan, report, tuple(self.curve), status, all_stats, front)
 
 
 def relative(score: Score, reference: Score) -> float:

@@ -121,6 +121,22 @@ class DecisionSpace:
         kwargs = {"provenance": provenance} if provenance is not None else {}
         return Plan.from_shardings(self.mesh, g, named, **kwargs)
 
+    def assignment_of(self, plan: Plan) -> Assignment | None:
+        """The assignment closest to `plan`'s parameter and batch shardings (per decision, the axes
+        most of its member dims take), or None when that assignment is not valid. Used to seed
+        searchers with expert baselines and to warm-start from a plan file."""
+        shardings = plan.input_shardings(self.graph)
+        out = []
+        for d in self.decisions:
+            votes: dict[tuple[str, ...], int] = {}
+            for vid, dim in d.members:
+                axes = shardings[vid].dims[dim] if vid in shardings else ()
+                votes[axes] = votes.get(axes, 0) + 1
+            best = max(votes.items(), key=lambda kv: (kv[1], -len(kv[0])))[0] if votes else ()
+            out.append(best if best in d.options else ())
+        a = tuple(out)
+        return a if self.valid(a) else None
+
     def enumerate(self) -> itertools.chain:
         """Every valid assignment (for small spaces: the exhaustive reference)."""
 
