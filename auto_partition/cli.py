@@ -1,4 +1,4 @@
-"""The `auto-partition` command line: trace, baselines, verify and calibrate."""
+"""The `auto-partition` command line: trace, baselines, search, verify, explain and calibrate."""
 
 from __future__ import annotations
 
@@ -102,6 +102,46 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--all-tensors", action="store_true", help="list optimizer state and other inputs too")
     e.add_argument("--json", action="store_true")
 
+    s = sub.add_parser(
+        "search",
+        help="search for the fastest plan that fits, compare it with the expert baselines, save it",
+    )
+    s.add_argument(
+        "model",
+        nargs="?",
+        default=None,
+        help="built-in model (llama, gpt, ...), hf-gpt2, or pkg.module:function (default: llama 8b)",
+    )
+    s.add_argument(
+        "--size", default=None, help="model size for a built-in name (default: 8b for llama, else tiny)"
+    )
+    s.add_argument(
+        "--scan",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="layers stacked and run with lax.scan (default: on for llama and gpt)",
+    )
+    s.add_argument("--mesh", default="data=8,model=8", help="mesh axes and sizes (default data=8,model=8)")
+    s.add_argument("--hardware", default="h100", help="hardware preset or YAML file (default h100)")
+    s.add_argument("--nodes", type=int, default=None, help="nodes the mesh spans (default: fewest)")
+    s.add_argument(
+        "--searcher",
+        default="portfolio",
+        help="portfolio (default), ilp, mcts, optuna or exhaustive",
+    )
+    s.add_argument("--budget", default="60s", help="wall time (60s, 2m) and/or plan evaluations (500)")
+    s.add_argument(
+        "--memory-budget",
+        type=_parse_bytes,
+        default=None,
+        help="per-device bytes a plan must fit in (default: the device's memory)",
+    )
+    s.add_argument("--tactics", default=None, metavar="FILE", help="YAML tactics that fix decisions")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("-o", "--output", default=None, metavar="FILE", help="write the plan here (plan.yaml)")
+    s.add_argument("--quiet", action="store_true", help="no progress display")
+    s.add_argument("--json", action="store_true", help="print JSON instead of tables")
+
     c = sub.add_parser("calibrate", help="measure the local devices and fit a hardware preset to them")
     c.add_argument(
         "--hardware", required=True, help="preset or YAML file to start from (h100, h200, cpu, ...)"
@@ -133,6 +173,8 @@ def _device_count_hint(args: argparse.Namespace) -> int | None:
             return load_hardware(args.hardware).devices_per_node  # one node's worth
         except HardwareError:
             return None  # the command reports it
+    if args.command == "search":
+        return None  # searching costs plans on the simulator; no devices needed
     if getattr(args, "mesh", None):
         try:
             return _mesh_size(args.mesh)

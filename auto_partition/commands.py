@@ -20,6 +20,7 @@ from ir.workload import Workload, WorkloadError
 from models import hf
 from runners.check import MeshMismatchError, PlanCheck, check_baselines, check_mesh, check_plans
 from runners.program import Mode
+from search.problem import SearchError
 from search.tactics import TacticError
 
 USER_ERRORS = (
@@ -30,6 +31,7 @@ USER_ERRORS = (
     MeshMismatchError,
     HardwareError,
     CalibrationError,
+    SearchError,
     OSError,
 )
 
@@ -39,6 +41,10 @@ def run(args: argparse.Namespace) -> int:
         from auto_partition.explain import cmd_explain
 
         return cmd_explain(args)
+    if args.command == "search":
+        from auto_partition.search_cmd import cmd_search
+
+        return cmd_search(args)
     if args.command == "calibrate":
         from auto_partition.calibrate import cmd_calibrate
 

@@ -62,8 +62,7 @@ class OpCost:
     Attributes:
       op: op id in its graph.
       primitive: the primitive.
-      flops: floating-point operations of the compiled program for this op, every copy XLA's
-        fusion makes of it included (XLA's convention, see module doc).
+      flops: floating-point operations of the op's local shard (`op_flops`).
       transcendentals: transcendental evaluations, likewise.
       bytes: memory traffic at fusion boundaries (operands read, results written).
       count: executions per step (scan trip counts).
@@ -175,44 +174,51 @@ def _gc_paused():
 
 
 def op_costs(
-    prop: Propagation, mult: int = 1, *, recurse: bool = True, loop: Op | None = None
+    prop: Propagation, mult: int = 1, *, recurse: bool = True, fused: frozenset[int] | None = None
 ) -> list[OpCost]:
     """Cost rows of every op of a propagated graph, and of its bodies when `recurse` (per device).
+
+    FLOPs are what each op's local shard executes once (`op_flops`); what XLA's fusion copies or
+    its simplifier removes is accounted by `xla_flops`, which the fidelity benchmark compares.
 
     Args:
       prop: the propagated graph.
       mult: executions of this graph per step (the enclosing scans' trip counts).
       recurse: also the rows of scan bodies and cond branches.
-      loop: the scan whose body `prop` is, if it is one.
+      fused: `fused_values(prop.graph)`, when the caller has it.
     """
     g: Graph = prop.graph
-    mesh = prop.mesh
+    fused = fused_values(g) if fused is None else fused
     out: list[OpCost] = []
-    fused = fused_values(g)
-    compiled = compiled_op_flops(prop, loop)
     for op in g.ops:
         if op.id not in g.live_ops:
             continue
         if op.rule is None:
             if recurse:
                 for sub in prop.bodies.get(op.id, ()):
-                    scan = op.primitive == "scan"
-                    out.extend(
-                        op_costs(sub, mult * (op.trip_count if scan else 1), loop=op if scan else None)
-                    )
+                    out.extend(op_costs(sub, mult * (op.trip_count if op.primitive == "scan" else 1)))
             continue
-        decided = prop.ops[op.id]
-        sizes = local_sizes(op, decided.factors, mesh)
-        flops, trans = compiled.get(op.id, (0.0, 0.0))
-        traffic = 0.0
-        for vid, dims in zip(op.inputs, op.rule.operands, strict=True):
-            if vid not in fused:
-                traffic += _elements(dims, sizes) * g.values[vid].itemsize
-        for vid, dims in zip(op.outputs, op.rule.results, strict=True):
-            if vid not in fused:
-                traffic += _elements(dims, sizes) * g.values[vid].itemsize
-        out.append(OpCost(op.id, op.primitive, flops, trans, traffic, mult))
+        c = op_cost(g, op, prop.ops[op.id].factors, prop.mesh, fused)
+        out.append(dataclasses.replace(c, count=mult) if mult != 1 else c)
     return out
+
+
+def op_cost(
+    g: Graph, op: Op, factors: tuple[tuple[str, ...], ...], mesh: MeshShape, fused: frozenset[int]
+) -> OpCost:
+    """One execution of `op` on one device with its factors sharded as `factors`: the local
+    shard's FLOPs, and bytes read and written at fusion boundaries (values in `fused` stay in
+    registers)."""
+    sizes = local_sizes(op, factors, mesh)
+    flops, trans = op_flops(op, sizes)
+    traffic = 0.0
+    for vid, dims in zip(op.inputs, op.rule.operands, strict=True):
+        if vid not in fused:
+            traffic += _elements(dims, sizes) * g.values[vid].itemsize
+    for vid, dims in zip(op.outputs, op.rule.results, strict=True):
+        if vid not in fused:
+            traffic += _elements(dims, sizes) * g.values[vid].itemsize
+    return OpCost(op.id, op.primitive, flops, trans, traffic)
 
 
 def xla_flops(prop: Propagation, loop: Op | None = None) -> float:

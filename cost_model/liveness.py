@@ -276,7 +276,7 @@ def _combine(g: Graph, order: list[Op], cands: list[_Resolution], compiler: Comp
     return groups
 
 
-def timeline(prop: Propagation, compiler: Compiler = XLA_CPU) -> list[Buffer]:
+def timeline(prop: Propagation, compiler: Compiler = XLA_CPU, body_peaks: dict | None = None) -> list[Buffer]:
     """The temporary buffers of one propagated graph, with the steps that write and last read them.
 
     Arguments and the buffers of outputs are not temporaries; everything else that is written is:
@@ -286,6 +286,8 @@ def timeline(prop: Propagation, compiler: Compiler = XLA_CPU) -> list[Buffer]:
     Args:
       prop: a propagated graph (a step, or a loop body).
       compiler: the backend's choices (see `Compiler`).
+      body_peaks: id(body propagation) -> (body propagation, its peak), filled and reused across
+        calls with one compiler (a `PropagationCache` returns the same object for a body it saw).
     """
     g = prop.graph
     mesh = prop.mesh
@@ -357,7 +359,7 @@ def timeline(prop: Propagation, compiler: Compiler = XLA_CPU) -> list[Buffer]:
         op_step[op.id] = step
         subs = prop.bodies.get(op.id)
         if subs:  # a loop or branch: its body's own peak while it runs
-            inner = max(peak(timeline(sub, compiler))[0] for sub in subs)
+            inner = max(_body_peak(sub, compiler, body_peaks) for sub in subs)
             out.append(Buffer(f"({op.primitive} body peak)", -1, inner, step, step))
         for vid, key, want in zip(op.inputs, targets, wants, strict=True):
             if key is not None:
@@ -399,6 +401,15 @@ def timeline(prop: Propagation, compiler: Compiler = XLA_CPU) -> list[Buffer]:
     for (vid, dims), (b, first, last) in copies.items():
         out.append(Buffer(f"{g.values[vid].name} -> {_spec(dims)}", vid, b, first, last))
     return out
+
+
+def _body_peak(sub: Propagation, compiler: Compiler, memo: dict | None) -> int:
+    if memo is None:
+        return peak(timeline(sub, compiler))[0]
+    hit = memo.get(id(sub))
+    if hit is None or hit[0] is not sub:
+        hit = memo[id(sub)] = (sub, peak(timeline(sub, compiler, memo))[0])
+    return hit[1]
 
 
 def _loop_slices(prop: Propagation) -> dict[int, int]:

@@ -51,7 +51,11 @@ class MemoryReport:
 
 
 def memory(
-    prop: Propagation, donated: frozenset[int] | None = None, *, compiler: Compiler = XLA_CPU
+    prop: Propagation,
+    donated: frozenset[int] | None = None,
+    *,
+    compiler: Compiler = XLA_CPU,
+    body_peaks: dict | None = None,
 ) -> MemoryReport:
     """The memory report of a propagated top-level graph.
 
@@ -59,6 +63,7 @@ def memory(
       prop: the propagated step.
       donated: input ids whose buffers outputs may reuse (default: the graph's donated inputs).
       compiler: the backend's combiner and lowering choices; `compiler_for(hardware.name)`.
+      body_peaks: a memo of loop-body peaks to reuse across calls (see `timeline`).
     """
     g = prop.graph
     mesh = prop.mesh
@@ -85,7 +90,7 @@ def memory(
             if local_bytes(sv.shape, sv.itemsize, prop.shardings[src], mesh) == b:
                 aliased += b
                 used_donors.add(src)
-    temp, live_at_peak = peak(timeline(prop, compiler))
+    temp, live_at_peak = peak(timeline(prop, compiler, body_peaks))
     for name, b in live_at_peak:
         kind = _kind_of(name)
         by_kind[kind] = by_kind.get(kind, 0) + b

@@ -18,7 +18,7 @@ import enum
 from collections.abc import Mapping
 
 from cost_model.collectives import collective_time
-from cost_model.compute import OpCost, op_costs, roofline_time
+from cost_model.compute import OpCost, fused_values, op_cost, roofline_time
 from cost_model.hardware import Hardware, HardwareError
 from cost_model.memory import MemoryReport, compiler_for, memory
 from cost_model.meshes import MeshTopology, topology
@@ -97,7 +97,7 @@ def simulate(
     """
     prop = prop or propagate_plan(graph, plan)
     topo = topology(hardware, plan.mesh, nodes)
-    return _report(prop, hardware, topo, overlap, top_ops)
+    return Simulator(hardware, topo, overlap).report(prop, top_ops)
 
 
 _FLOAT_KEYS = frozenset(("float64", "float32", "bfloat16", "float16"))
@@ -111,73 +111,171 @@ def simulate_propagation(
     overlap: Overlap = Overlap.BACKWARD_AND_PREFETCH,
     top_ops: int = 10,
 ) -> CostReport:
-    """The CostReport of a propagation already made (searchers reuse one topology)."""
-    return _report(prop, hardware, topo, overlap, top_ops)
+    """The CostReport of a propagation already made."""
+    return Simulator(hardware, topo, overlap).report(prop, top_ops)
 
 
-def _dtype_key(graph: Graph, op_cost: OpCost, op) -> str:
+def _dtype_key(graph: Graph, primitive: str, op) -> str:
     """The device rate an op runs at: its operand dtype; float32 matmuls at the default (TF32)
     precision of GPUs; integer and boolean arithmetic at the float32 vector rate."""
     dtype = graph.values[op.inputs[0]].dtype if op.inputs else "float32"
     if dtype not in _FLOAT_KEYS and not dtype.startswith("float8"):
         return "float32"
-    return (
-        "tf32"
-        if dtype == "float32" and op_cost.primitive in ("dot_general", "conv_general_dilated")
-        else dtype
-    )
+    return "tf32" if dtype == "float32" and primitive in ("dot_general", "conv_general_dilated") else dtype
 
 
-def _report(
-    prop: Propagation, hw: Hardware, topo: MeshTopology, overlap: Overlap, top_ops: int
-) -> CostReport:
-    dev = hw.device
-    rows: list[OpRow] = []
-    fwd = bwd = other = 0.0
-    flops = 0.0
-    for graph, cost, op in _walk_costs(prop):
-        peak = _peak_flops(dev, _dtype_key(graph, cost, op), cost.primitive) if cost.flops else 1.0
-        t = roofline_time(cost.flops, cost.bytes, peak, dev.memory_bandwidth) * cost.count
-        flops += cost.flops * cost.count
-        name = graph.values[op.outputs[0]].name if op.outputs else op.primitive
-        rows.append(OpRow(name, cost.primitive, cost.flops * cost.count, cost.bytes * cost.count, t))
-        if "transpose(" in op.scope:
-            bwd += t
-        elif "jvp(" in op.scope:
-            fwd += t
-        else:
-            other += t
-    compute = fwd + bwd + other
-    by_key: dict[tuple[CollectiveKind, tuple[str, ...]], tuple[int, float]] = {}
-    hideable_fwd = hideable_bwd = exposed = 0.0
-    names = _value_roles(prop)
-    for c in prop.collectives:
-        t = collective_time(c, topo)
-        b, s = by_key.get((c.kind, c.axes), (0, 0.0))
-        by_key[(c.kind, c.axes)] = (b + c.total_bytes, s + t)
-        where = _phase(c, names)
-        if overlap is Overlap.NONE or where == "exposed":
-            exposed += t
-        elif where == "backward":
-            hideable_bwd += t
-        else:
-            hideable_fwd += t
-    exposed += max(0.0, hideable_bwd - bwd) + max(0.0, hideable_fwd - fwd)
-    comm = sum(s for _, s in by_key.values())
-    mem = memory(prop, compiler=compiler_for(hw.name))
-    rows.sort(key=lambda r: -r.seconds)
-    return CostReport(
-        step_time=compute + exposed,
-        compute_time=compute,
-        comm_time=comm,
-        exposed_comm_time=exposed,
-        flops=flops,
-        memory=mem,
-        capacity=dev.hbm_capacity,
-        fits=mem.peak <= dev.hbm_capacity,
-        collectives=by_key,
-        ops=tuple(rows[:top_ops]),
-    )
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Compute:
+    """Roofline seconds of one graph execution (bodies included) by phase, and its FLOPs."""
+
+    forward: float
+    backward: float
+    other: float
+    flops: float
+
+
+class Simulator:
+    """`simulate_propagation` for many propagations of one graph: per-op costs are cached by the
+    op's factor assignment, collective times by collective, and a loop body's compute and memory
+    peak by the body propagation (a `PropagationCache` returns a body it has seen as the same
+    object). A searcher keeps one Simulator per problem; `simulate` makes a fresh one.
+
+    Args:
+      hardware: device and link specs.
+      topo: the mesh on the hardware's links.
+      overlap: which communication may hide behind compute.
+    """
+
+    def __init__(
+        self, hardware: Hardware, topo: MeshTopology, overlap: Overlap = Overlap.BACKWARD_AND_PREFETCH
+    ):
+        self.hw = hardware
+        self.topo = topo
+        self.overlap = overlap
+        self.compiler = compiler_for(hardware.name)
+        self._op_seconds: dict[tuple[int, int, tuple], tuple[OpCost, float, int]] = {}
+        self._bodies: dict[int, tuple[Propagation, _Compute]] = {}
+        self._coll: dict[Collective, tuple[float, str]] = {}
+        self._fused: dict[int, tuple[Graph, frozenset[int]]] = {}
+        self._roles: dict[int, dict[str, Role]] = {}
+        self.body_peaks: dict[int, tuple[Propagation, int]] = {}
+
+    def report(self, prop: Propagation, top_ops: int = 10) -> CostReport:
+        """The full CostReport (per-op rows for the `top_ops` costliest ops)."""
+        return self._report(prop, top_ops)
+
+    def step_time_and_peak(self, prop: Propagation) -> tuple[float, int]:
+        """(step seconds, per-device peak bytes): what a searcher compares, without the report."""
+        compute = self._compute(prop, 1, None)
+        exposed, _, _ = self._comm(prop, compute)
+        mem = memory(prop, compiler=self.compiler, body_peaks=self.body_peaks)
+        return compute.forward + compute.backward + compute.other + exposed, mem.peak
+
+    # -- parts -------------------------------------------------------------------------------------
+
+    def _op(self, g: Graph, op, factors) -> tuple[OpCost, float, int]:
+        """(cost of one execution, roofline seconds, phase: 0 forward, 1 backward, 2 other)."""
+        key = (id(g), op.id, factors)
+        hit = self._op_seconds.get(key)
+        if hit is None:
+            f = self._fused.get(id(g))
+            if f is None:
+                f = self._fused[id(g)] = (g, fused_values(g))
+            cost = op_cost(g, op, factors, self.topo.mesh, f[1])
+            dev = self.hw.device
+            peak = _peak_flops(dev, _dtype_key(g, cost.primitive, op), cost.primitive) if cost.flops else 1.0
+            t = roofline_time(cost.flops, cost.bytes, peak, dev.memory_bandwidth)
+            phase = 1 if "transpose(" in op.scope else 0 if "jvp(" in op.scope else 2
+            hit = self._op_seconds[key] = (cost, t, phase)
+        return hit
+
+    def _compute(self, prop: Propagation, mult: int, rows: list | None) -> _Compute:
+        """Compute of one execution of `prop` (bodies included); `rows`, when given, collects
+        (graph, op, cost, seconds per step, executions per step) with `prop` run `mult` times."""
+        if rows is None:
+            hit = self._bodies.get(id(prop))
+            if hit is not None and hit[0] is prop:
+                return hit[1]
+        g = prop.graph
+        acc = [0.0, 0.0, 0.0]
+        flops = 0.0
+        live = g.live_ops
+        for op in g.ops:
+            if op.id not in live:
+                continue
+            if op.rule is None:
+                n = op.trip_count if op.primitive == "scan" else 1
+                for sub in prop.bodies.get(op.id, ()):
+                    c = self._compute(sub, mult * n, rows)
+                    acc[0] += c.forward * n
+                    acc[1] += c.backward * n
+                    acc[2] += c.other * n
+                    flops += c.flops * n
+                continue
+            cost, t, phase = self._op(g, op, prop.ops[op.id].factors)
+            acc[phase] += t
+            flops += cost.flops
+            if rows is not None:
+                rows.append((g, op, cost, t * mult, mult))
+        out = _Compute(acc[0], acc[1], acc[2], flops)
+        if rows is None:
+            self._bodies[id(prop)] = (prop, out)
+        return out
+
+    def _comm(self, prop: Propagation, compute: _Compute):
+        """(exposed seconds, total seconds, (kind, axes) -> (bytes, seconds))."""
+        roles = self._roles.get(id(prop.graph))
+        if roles is None:
+            roles = self._roles[id(prop.graph)] = _value_roles(prop)
+        by_key: dict[tuple[CollectiveKind, tuple[str, ...]], tuple[int, float]] = {}
+        hideable_fwd = hideable_bwd = exposed = 0.0
+        none = self.overlap is Overlap.NONE
+        for c in prop.collectives:
+            hit = self._coll.get(c)
+            if hit is None:
+                hit = self._coll[c] = (collective_time(c, self.topo), _phase(c, roles))
+            t, where = hit
+            b, sec = by_key.get((c.kind, c.axes), (0, 0.0))
+            by_key[(c.kind, c.axes)] = (b + c.total_bytes, sec + t)
+            if none or where == "exposed":
+                exposed += t
+            elif where == "backward":
+                hideable_bwd += t
+            else:
+                hideable_fwd += t
+        exposed += max(0.0, hideable_bwd - compute.backward) + max(0.0, hideable_fwd - compute.forward)
+        return exposed, sum(sec for _, sec in by_key.values()), by_key
+
+    def _report(self, prop: Propagation, top_ops: int) -> CostReport:
+        rows: list = []
+        compute = self._compute(prop, 1, rows)
+        exposed, comm, by_key = self._comm(prop, compute)
+        mem = memory(prop, compiler=self.compiler, body_peaks=self.body_peaks)
+        rows.sort(key=lambda r: -r[3])
+        op_rows = tuple(
+            OpRow(
+                g.values[op.outputs[0]].name if op.outputs else op.primitive,
+                cost.primitive,
+                cost.flops * n,
+                cost.bytes * n,
+                t,
+            )
+            for g, op, cost, t, n in rows[:top_ops]
+        )
+        dev = self.hw.device
+        total = compute.forward + compute.backward + compute.other
+        return CostReport(
+            step_time=total + exposed,
+            compute_time=total,
+            comm_time=comm,
+            exposed_comm_time=exposed,
+            flops=compute.flops,
+            memory=mem,
+            capacity=dev.hbm_capacity,
+            fits=mem.peak <= dev.hbm_capacity,
+            collectives=by_key,
+            ops=op_rows,
+        )
 
 
 def _peak_flops(dev, key: str, primitive: str) -> float:
@@ -187,18 +285,6 @@ def _peak_flops(dev, key: str, primitive: str) -> float:
         return rate(key)
     except HardwareError:
         return rate("float32")
-
-
-def _walk_costs(prop: Propagation, mult: int = 1):
-    """(graph, cost, op) for every ruled op, bodies included, counts multiplied by trip counts."""
-    g = prop.graph
-    costs = {c.op: c for c in op_costs(prop, mult, recurse=False)}
-    for op in g.ops:
-        if op.rule is None:
-            for sub in prop.bodies.get(op.id, ()):
-                yield from _walk_costs(sub, mult * (op.trip_count if op.primitive == "scan" else 1))
-        elif op.id in costs:
-            yield g, costs[op.id], op
 
 
 def _value_roles(prop: Propagation) -> dict[str, Role]:

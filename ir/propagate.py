@@ -68,6 +68,35 @@ class Propagation:
     outputs: tuple[Sharding, ...]
 
 
+class PropagationCache:
+    """Memo tables shared by many propagations of one graph on one mesh (a searcher's inner loop).
+
+    Propagation is a pure function of the input shardings, so each op's decision is a function of
+    its operands' shardings (and the constraints on its results), each read of a value a function
+    of (have, want), and each loop body's propagation a function of the shardings it is entered
+    with. Plans that differ in one decision share most of these, and a cached body is returned as
+    the same object, so costs computed per body (cost_model.simulate) can be cached by identity.
+    Keep one cache per (graph, mesh, constraint): keys hold graph identities, not contents.
+    """
+
+    def __init__(self):
+        self.ops: dict[tuple, tuple] = {}
+        self.reads: dict[tuple, tuple[list[Collective], Sharding]] = {}
+        self.bodies: dict[tuple, Propagation] = {}
+        self._keys: dict[tuple[int, frozenset[int]], int] = {}
+        self._alive: list[Graph] = []  # graphs whose ids are in keys
+
+    def graph_key(self, graph: Graph, batch: frozenset[int]) -> int:
+        k = (id(graph), batch)
+        if k not in self._keys:
+            self._keys[k] = len(self._keys)
+            self._alive.append(graph)
+        return self._keys[k]
+
+    def __len__(self) -> int:
+        return len(self.ops) + len(self.reads) + len(self.bodies)
+
+
 def propagate(
     graph: Graph,
     mesh: MeshShape,
@@ -76,6 +105,7 @@ def propagate(
     constraint: Constraint | None = None,
     outputs: Mapping[int, Sharding] | None = None,
     batch_inputs: frozenset[int] | None = None,
+    cache: PropagationCache | None = None,
 ) -> Propagation:
     """Propagates input shardings through the graph.
 
@@ -86,11 +116,12 @@ def propagate(
       constraint: sharding a named value must have, or None (e.g. `Plan.activation_sharding`).
       outputs: sharding per output position the step must return (e.g. new params like params).
       batch_inputs: input ids derived from the batch (default: inputs with role BATCH).
+      cache: memo tables to reuse across propagations of this graph, mesh and constraint.
 
     Returns:
       The Propagation: every value's sharding and the step's collectives.
     """
-    return _Propagator(graph, mesh, constraint, batch_inputs).run(inputs, outputs or {})
+    return _Propagator(graph, mesh, constraint, batch_inputs, cache).run(inputs, outputs or {})
 
 
 class _Propagator:
@@ -100,6 +131,7 @@ class _Propagator:
         mesh: MeshShape,
         constraint: Constraint | None,
         batch_inputs: frozenset[int] | None,
+        cache: PropagationCache | None = None,
     ):
         self.g = graph
         self.mesh = mesh
@@ -114,6 +146,8 @@ class _Propagator:
         if batch_inputs is None:
             batch_inputs = frozenset(i for i in graph.inputs if graph.values[i].role is Role.BATCH)
         self.batch = set(batch_inputs)
+        self.cache = cache
+        self.gkey = cache.graph_key(graph, frozenset(batch_inputs)) if cache is not None else None
 
     # -- driver ----------------------------------------------------------------------------------
 
@@ -162,35 +196,58 @@ class _Propagator:
     # -- one op ----------------------------------------------------------------------------------
 
     def _op(self, op: Op) -> None:
+        g = self.g
+        cur = self.cur
+        ins = tuple(cur[vid] for vid in op.inputs)
+        targets = (
+            tuple(self.constraint(g.values[vid]) for vid in op.outputs)
+            if self.constraint
+            else (None,) * len(op.outputs)
+        )
+        key = (self.gkey, op.id, ins, targets) if self.cache is not None else None
+        decided = self.cache.ops.get(key) if key is not None else None
+        if decided is None:
+            decided = self._decide(op, ins, targets)
+            if key is not None:
+                self.cache.ops[key] = decided
+        factors, operands, results, groups = decided
+        for vid, want in zip(op.inputs, operands, strict=True):
+            self._read(vid, want)
+        for k, vid in enumerate(op.outputs):
+            cur[vid] = results[k]
+            if groups:
+                self.sum_groups[vid] = groups
+            if targets[k] is not None:
+                # The constrained value is the target: every reader sees it so.
+                self._read(vid, targets[k])
+                cur[vid] = targets[k]
+        self.ops[op.id] = OpSharding(factors, operands)
+
+    def _decide(self, op: Op, ins: tuple, targets: tuple) -> tuple:
+        """(factors, operand shardings, result shardings, sum groups) of one op."""
         rule = self._rule = op.rule
         g = self.g
         proposals: list[tuple[tuple, int, tuple[str, ...]]] = []
         for k, vid in enumerate(op.inputs):
             prio = (0, vid in self.batch, g.values[vid].nbytes, -k)
-            self._propose(rule.operands[k], self.cur[vid], prio, proposals)
-        targets: list[Sharding | None] = []
-        for k, vid in enumerate(op.outputs):
-            want = self.constraint(g.values[vid]) if self.constraint else None
-            targets.append(want)
+            self._propose(rule.operands[k], ins[k], prio, proposals)
+        for k, want in enumerate(targets):
             if want is not None:
                 self._propose(rule.results[k], want, (1, True, 0, -k), proposals)
         factors = self._assign(rule, proposals)
         operands = tuple(Sharding(self._dims(rule.operands[k], factors)) for k in range(len(op.inputs)))
-        for vid, want in zip(op.inputs, operands, strict=True):
-            self._read(vid, want)
         partial = frozenset(a for f in rule.factors_of(FactorKind.REDUCTION) for a in factors[f])
         # XLA's partitioner reduces each sharded reduction dim of an op by its own all-reduce
         # (minor dim first; factors are numbered in operand dim order).
-        groups = tuple(factors[f] for f in reversed(rule.factors_of(FactorKind.REDUCTION)) if factors[f])
-        for k, vid in enumerate(op.outputs):
-            self.cur[vid] = Sharding(self._dims(rule.results[k], factors), partial)
-            if partial:
-                self.sum_groups[vid] = groups
-            if targets[k] is not None:
-                # The constrained value is the target: every reader sees it so.
-                self._read(vid, targets[k])
-                self.cur[vid] = targets[k]
-        self.ops[op.id] = OpSharding(factors, operands)
+        groups = (
+            tuple(factors[f] for f in reversed(rule.factors_of(FactorKind.REDUCTION)) if factors[f])
+            if partial
+            else ()
+        )
+        results = tuple(
+            Sharding(self._dims(rule.results[k], factors), partial) for k in range(len(op.outputs))
+        )
+        return factors, operands, results, groups
 
     def _propose(self, dims_map, s: Sharding, prio: tuple, out: list) -> None:
         for d, fs in enumerate(dims_map):
@@ -256,8 +313,14 @@ class _Propagator:
         if have == want or (vid, want) in self.memo:
             return
         self.memo.add((vid, want))
-        v = self.g.values[vid]
-        colls, resolved = reshard(v, have, want, self.mesh, self.sum_groups.get(vid))
+        groups = self.sum_groups.get(vid)
+        key = (self.gkey, vid, have, want, groups) if self.cache is not None else None
+        hit = self.cache.reads.get(key) if key is not None else None
+        if hit is None:
+            hit = reshard(self.g.values[vid], have, want, self.mesh, groups)
+            if key is not None:
+                self.cache.reads[key] = hit
+        colls, resolved = hit
         self.colls.extend(colls)
         if have.partial:
             self.cur[vid] = resolved
@@ -286,14 +349,7 @@ class _Propagator:
             if vid in self.batch:
                 body_batch.add(bid)
         carry_out = {j: body_in[body.inputs[nc + j]] for j in range(nk)}
-        sub = propagate(
-            body,
-            self.mesh,
-            body_in,
-            constraint=self.constraint,
-            outputs=carry_out,
-            batch_inputs=frozenset(body_batch),
-        )
+        sub = self._body(body, body_in, carry_out, frozenset(body_batch))
         self.bodies[op.id] = (sub,)
         self.colls.extend(dataclasses.replace(c, count=c.count * op.trip_count) for c in sub.collectives)
         for j, vid in enumerate(op.outputs):
@@ -301,6 +357,30 @@ class _Propagator:
                 self.cur[vid] = carry_out[j]
             else:
                 self.cur[vid] = Sharding(((), *sub.outputs[j].dims))
+
+    def _body(
+        self, body: Graph, inputs: dict[int, Sharding], outputs: Mapping[int, Sharding], batch: frozenset[int]
+    ) -> Propagation:
+        """A body's propagation, cached by the shardings it is entered and left with."""
+        if self.cache is None:
+            return propagate(
+                body, self.mesh, inputs, constraint=self.constraint, outputs=outputs, batch_inputs=batch
+            )
+        self.cache.graph_key(body, batch)  # keeps the body alive while its id is a key
+        key = (id(body), tuple(inputs.get(b) for b in body.inputs), tuple(sorted(outputs.items())), batch)
+        sub = self.cache.bodies.get(key)
+        if sub is None:
+            sub = propagate(
+                body,
+                self.mesh,
+                inputs,
+                constraint=self.constraint,
+                outputs=outputs,
+                batch_inputs=batch,
+                cache=self.cache,
+            )
+            self.cache.bodies[key] = sub
+        return sub
 
     def _cond(self, op: Op) -> None:
         self._resolved(op.inputs[0])
@@ -310,15 +390,11 @@ class _Propagator:
             body_in = {
                 bid: self._resolved(vid) for vid, bid in zip(op.inputs[1:], branch.inputs, strict=True)
             }
-            sub = propagate(
+            sub = self._body(
                 branch,
-                self.mesh,
                 body_in,
-                constraint=self.constraint,
-                outputs=outs,
-                batch_inputs=frozenset(
-                    b for v, b in zip(op.inputs[1:], branch.inputs, strict=True) if v in self.batch
-                ),
+                outs,
+                frozenset(b for v, b in zip(op.inputs[1:], branch.inputs, strict=True) if v in self.batch),
             )
             if not outs:
                 outs = dict(enumerate(sub.outputs))

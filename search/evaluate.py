@@ -5,14 +5,15 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+import weakref
 
 from cost_model.meshes import topology
-from cost_model.simulate import CostReport, Overlap, simulate_propagation
+from cost_model.simulate import CostReport, Overlap, Simulator
 from ir.graph import Role
 from ir.plan import Plan, Provenance
-from ir.propagate import Propagation, propagate
+from ir.propagate import Propagation, PropagationCache, propagate
 from search.baselines import baseline_plans
-from search.problem import Budget, CurvePoint, SearchProblem, SearchResult, Status
+from search.problem import Budget, CurvePoint, Progress, SearchProblem, SearchResult, Status
 from search.space import Assignment, DecisionSpace
 
 
@@ -34,26 +35,20 @@ class Score:
     cost: float
 
 
-class Evaluator:
-    """Scores assignments of one problem's decision space, remembering every score it computed.
+class _Shared:
+    """What every searcher of one problem shares in this process: the propagation and simulator
+    caches, every score computed, and the problem's input bookkeeping (built once)."""
 
-    It also keeps the best-so-far curve all searchers report.
-    """
-
-    def __init__(
-        self, problem: SearchProblem, space: DecisionSpace, overlap: Overlap = Overlap.BACKWARD_AND_PREFETCH
-    ):
-        self.problem = problem
-        self.space = space
-        self.overlap = overlap
+    def __init__(self, problem: SearchProblem, overlap: Overlap):
         self.topo = topology(problem.hardware, problem.mesh, problem.nodes)
-        self.cache: dict[Assignment, Score] = {}
-        self.evaluations = 0
-        self.started = time.perf_counter()
-        self.best: tuple[float, Assignment] | None = None
-        self.curve: list[CurvePoint] = []
+        self.simulator = Simulator(problem.hardware, self.topo, overlap)
+        self.prop_cache = PropagationCache()
+        self.scores: dict[Assignment, Score] = {}
+        self.label = ""  # the searcher running now, for progress reports
+        self.seeds: list[Assignment] | None = None
+        self.seeds_for: tuple[int, ...] = ()  # ids of the hints `seeds` was made with
         g = problem.graph
-        self._opt_for_param: dict[int, list[int]] = {}
+        self.opt_for_param: dict[int, list[int]] = {}
         params = {
             g.values[v].name.removeprefix("params/"): v for v in g.inputs if g.values[v].role is Role.PARAM
         }
@@ -62,40 +57,131 @@ class Evaluator:
             if v.role is Role.OPT_STATE:
                 for suffix, pid in params.items():
                     if v.name.endswith("/" + suffix) and g.values[pid].shape == v.shape:
-                        self._opt_for_param.setdefault(pid, []).append(vid)
+                        self.opt_for_param.setdefault(pid, []).append(vid)
                         break
-        self._outputs_alias = tuple(g.output_alias)
+        self.outputs_alias = tuple(g.output_alias)
+        fixed = problem.fixed
+        self.constraint = None
+        if fixed is not None:
+            constrained: dict[int, object] = {}
+
+            def constraint(v):  # the plan's regexes, matched once per value
+                if v.id not in constrained:
+                    constrained[v.id] = fixed.activation_sharding(v.name, v.shape)
+                return constrained[v.id]
+
+            self.constraint = constraint
+
+
+_SHARED: dict[tuple, _Shared] = {}
+
+
+def _shared(problem: SearchProblem, overlap: Overlap) -> _Shared:
+    """The tables of every problem that scores plans alike (the same graph object, mesh,
+    hardware, memory budget, fixed plan and overlap; hints and progress may differ)."""
+    key = (
+        id(problem.graph),
+        problem.mesh,
+        id(problem.hardware),
+        problem.nodes,
+        problem.capacity,
+        id(problem.fixed),
+        overlap,
+    )
+    hit = _SHARED.get(key)
+    if hit is None:
+        hit = _SHARED[key] = _Shared(problem, overlap)
+        weakref.finalize(problem.graph, _SHARED.pop, key, None)
+        if problem.fixed is not None:
+            weakref.finalize(problem.fixed, _SHARED.pop, key, None)
+    return hit
+
+
+class Evaluator:
+    """Scores assignments of one problem's decision space for one searcher.
+
+    Scores are shared by every Evaluator of the same problem object in this process (the
+    portfolio's searchers reuse each other's work); the count of evaluations, the best plan and
+    the best-so-far curve are this searcher's.
+
+    Attributes:
+      cache: assignment -> Score of every plan this searcher scored.
+      evaluations: plans this searcher scored that nobody had scored before.
+      best: (cost, assignment) of the best plan this searcher scored.
+      curve: the best-so-far step time over time and evaluations.
+    """
+
+    def __init__(
+        self, problem: SearchProblem, space: DecisionSpace, overlap: Overlap = Overlap.BACKWARD_AND_PREFETCH
+    ):
+        self.problem = problem
+        self.space = space
+        self.overlap = overlap
+        self._shared = _shared(problem, overlap)
+        self.topo = self._shared.topo
+        self.simulator = self._shared.simulator
+        self.prop_cache = self._shared.prop_cache
+        self.cache: dict[Assignment, Score] = {}
+        self.evaluations = 0
+        self.started = time.perf_counter()
+        self.best: tuple[float, Assignment] | None = None
+        self.curve: list[CurvePoint] = []
+        self._next_report = 0.0
+
+    @property
+    def label(self) -> str:
+        return self._shared.label
+
+    @label.setter
+    def label(self, name: str) -> None:
+        self._shared.label = name
 
     def propagation(self, assignment: Assignment) -> Propagation:
         g = self.problem.graph
+        sh = self._shared
         inputs = self.space.shardings(assignment)
-        for pid, opts in self._opt_for_param.items():
+        for pid, opts in sh.opt_for_param.items():
             if pid in inputs:
                 for o in opts:
                     inputs[o] = inputs[pid]
-        outputs = {k: inputs[a] for k, a in enumerate(self._outputs_alias) if a >= 0 and a in inputs}
-        fixed = self.problem.fixed
-        constraint = (lambda v: fixed.activation_sharding(v.name, v.shape)) if fixed is not None else None
-        return propagate(g, self.problem.mesh, inputs, outputs=outputs, constraint=constraint)
+        outputs = {k: inputs[a] for k, a in enumerate(sh.outputs_alias) if a >= 0 and a in inputs}
+        return propagate(
+            g, self.problem.mesh, inputs, outputs=outputs, constraint=sh.constraint, cache=self.prop_cache
+        )
 
     def report(self, assignment: Assignment) -> CostReport:
-        prop = self.propagation(assignment)
-        return simulate_propagation(prop, self.problem.hardware, self.topo, overlap=self.overlap)
+        return self.simulator.report(self.propagation(assignment))
 
     def score(self, assignment: Assignment) -> Score:
         hit = self.cache.get(assignment)
         if hit is not None:
             return hit
-        r = self.report(assignment)
-        cap = self.problem.capacity
-        fits = r.memory.peak <= cap
-        cost = r.step_time if fits else r.step_time * (1.0 + 10.0 * (r.memory.peak / cap - 1.0)) + 1e3
-        s = Score(r.step_time, r.memory.peak, fits, cost)
+        s = self._shared.scores.get(assignment)
+        if s is None:
+            step_time, peak = self.simulator.step_time_and_peak(self.propagation(assignment))
+            cap = self.problem.capacity
+            fits = peak <= cap
+            cost = step_time if fits else step_time * (1.0 + 10.0 * (peak / cap - 1.0)) + 1e3
+            s = self._shared.scores[assignment] = Score(step_time, peak, fits, cost)
+            self.evaluations += 1
         self.cache[assignment] = s
-        self.evaluations += 1
-        if self.best is None or cost < self.best[0]:
-            self.best = (cost, assignment)
-            self.curve.append(CurvePoint(time.perf_counter() - self.started, self.evaluations, r.step_time))
+        new_best = self.best is None or s.cost < self.best[0]
+        if new_best:
+            self.best = (s.cost, assignment)
+            self.curve.append(CurvePoint(self.elapsed(), self.evaluations, s.step_time))
+        if self.problem.progress is not None and (new_best or self.elapsed() >= self._next_report):
+            self._next_report = self.elapsed() + 0.5
+            best = self.cache[self.best[1]]
+            self.problem.progress(
+                Progress(
+                    self.label,
+                    self.elapsed(),
+                    self.evaluations,
+                    best.step_time if best.fits else math.inf,
+                    best.memory,
+                    new_best,
+                )
+            )
         return s
 
     def elapsed(self) -> float:
@@ -108,16 +194,23 @@ class Evaluator:
         return budget.seconds is not None and self.elapsed() >= budget.seconds - margin
 
     def seeds(self) -> list[Assignment]:
-        """Good starting points every searcher may use: the expert baselines mapped into the
-        decision space (those that are valid assignments), then the fully replicated plan."""
-        out: list[Assignment] = []
-        for plan in baseline_plans(self.problem.graph, self.problem.mesh).values():
-            a = self.space.assignment_of(plan)
-            if a is not None and a not in out:
-                out.append(a)
-        if self.space.empty not in out:
-            out.append(self.space.empty)
-        return out
+        """Good starting points every searcher may use: the problem's hints, the expert baselines
+        mapped into the decision space (those that are valid assignments), then the fully
+        replicated plan."""
+        sh = self._shared
+        hints = tuple(id(h) for h in self.problem.hints)
+        if sh.seeds is None or sh.seeds_for != hints:
+            sh.seeds_for = hints
+            out: list[Assignment] = []
+            plans = (*self.problem.hints, *baseline_plans(self.problem.graph, self.problem.mesh).values())
+            for plan in plans:
+                a = self.space.assignment_of(plan)
+                if a is not None and a not in out:
+                    out.append(a)
+            if self.space.empty not in out:
+                out.append(self.space.empty)
+            sh.seeds = out
+        return list(sh.seeds)
 
     def best_assignment(self) -> Assignment:
         """The best assignment scored so far (the replicated plan if none was)."""

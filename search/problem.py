@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
 from cost_model.hardware import Hardware
@@ -84,6 +84,9 @@ class SearchProblem:
       fixed: decisions fixed by user tactics (a Plan the searchers extend), or None.
       objective: what to optimise.
       source: the workload source and fingerprint, recorded in found plans.
+      hints: plans to start from (a previous result, another searcher's incumbent); every
+        searcher scores them before searching.
+      progress: called as the search goes (a new best plan, and every few hundred plans).
     """
 
     graph: Graph
@@ -94,10 +97,33 @@ class SearchProblem:
     fixed: Plan | None = None
     objective: Objective = Objective.STEP_TIME
     source: tuple[str, str] = ("", "")
+    hints: tuple[Plan, ...] = ()
+    progress: Callable[[Progress], None] | None = dataclasses.field(default=None, compare=False, repr=False)
 
     @property
     def capacity(self) -> int:
         return self.memory_budget if self.memory_budget is not None else self.hardware.device.hbm_capacity
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Progress:
+    """A search's state, as `SearchProblem.progress` receives it.
+
+    Attributes:
+      searcher: the searcher scoring plans now.
+      seconds: since it started.
+      evaluations: plans it scored.
+      best_step_time: the best fitting plan's step time so far (inf when none fits).
+      best_memory: that plan's per-device peak bytes.
+      new_best: this report is for a new best plan.
+    """
+
+    searcher: str
+    seconds: float
+    evaluations: int
+    best_step_time: float
+    best_memory: int
+    new_best: bool
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
