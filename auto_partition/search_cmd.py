@@ -123,8 +123,8 @@ def cmd_search(args) -> int:
         emit_json(info)
     else:
         _print(info, rows, result, problem)
-    if not result.report.fits:
-        cap = problem.capacity
+    cap = problem.capacity
+    if result.report.memory.peak > cap:
         print(
             f"error: no plan found fits the memory budget of {_fmt_bytes(cap)} per device: the closest "
             f"({args.searcher}) needs {_fmt_bytes(result.report.memory.peak)}, "

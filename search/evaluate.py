@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import time
-import weakref
 
 from cost_model.meshes import topology
 from cost_model.simulate import CostReport, Overlap, Simulator
@@ -40,6 +40,7 @@ class _Shared:
     caches, every score computed, and the problem's input bookkeeping (built once)."""
 
     def __init__(self, problem: SearchProblem, overlap: Overlap):
+        self.keep = (problem.graph, problem.hardware, problem.fixed)  # their ids are in the key
         self.topo = topology(problem.hardware, problem.mesh, problem.nodes)
         self.simulator = Simulator(problem.hardware, self.topo, overlap)
         self.prop_cache = PropagationCache()
@@ -73,7 +74,11 @@ class _Shared:
             self.constraint = constraint
 
 
-_SHARED: dict[tuple, _Shared] = {}
+# The tables of the last few problems (a portfolio's members run one after another on one;
+# a benchmark moves from problem to problem). Entries hold their graph alive, so ids in keys
+# cannot be reused while an entry exists.
+_SHARED: collections.OrderedDict[tuple, _Shared] = collections.OrderedDict()
+_SHARED_MAX = 4
 
 
 def _shared(problem: SearchProblem, overlap: Overlap) -> _Shared:
@@ -91,9 +96,9 @@ def _shared(problem: SearchProblem, overlap: Overlap) -> _Shared:
     hit = _SHARED.get(key)
     if hit is None:
         hit = _SHARED[key] = _Shared(problem, overlap)
-        weakref.finalize(problem.graph, _SHARED.pop, key, None)
-        if problem.fixed is not None:
-            weakref.finalize(problem.fixed, _SHARED.pop, key, None)
+        while len(_SHARED) > _SHARED_MAX:
+            _SHARED.popitem(last=False)
+    _SHARED.move_to_end(key)
     return hit
 
 

@@ -146,7 +146,8 @@ class DecisionSpace:
                 return
             for o in self.options(tuple(acc) + ((),) * (len(self.decisions) - i), i):
                 acc.append(o)
-                yield from rec(i + 1, acc)
+                if i + 1 < len(self.decisions) or self.valid(tuple(acc)):
+                    yield from rec(i + 1, acc)
                 acc.pop()
 
         return rec(0, [])
@@ -200,7 +201,19 @@ def build_space(
             if tie_layers
             else grp.id
         )
-        units.setdefault(key, []).extend(members)
+        units.setdefault(key, []).append((grp.id, members))
+    # A tie is legal only if it never puts two dims of one tensor in one decision (an MLP's
+    # hidden dims chain: layer i's output dim is layer i+1's input dim); such units stay untied.
+    flat: dict[object, list[tuple[int, int]]] = {}
+    for key, parts in units.items():
+        members = [m for _, ms in parts for m in ms]
+        vids = [vid for vid, _ in dict.fromkeys(members)]
+        if len(vids) == len(set(vids)):
+            flat[key] = members
+        else:
+            for gid, ms in parts:
+                flat[("group", gid)] = ms
+    units = flat
     axis_sets = [
         combo
         for k in range(1, max_axes + 1)
