@@ -18,7 +18,7 @@ def resolve(spec: str, size: str | None = None, *, scan: bool = False) -> Worklo
     if spec.startswith("builtin:"):
         parts = spec.split(":")
         if len(parts) < 3:
-            raise WorkloadError(f"model source {spec!r} is not 'builtin:NAME:SIZE[:scan]'.")
+            raise WorkloadError(f"model source {spec!r} is not 'builtin:NAME:SIZE[:scan][:remat]'.")
         extra = dict(p.split("=", 1) for p in parts[3:] if "=" in p)
         unknown = sorted(set(extra) - {"batch_size", "seq_len"})
         if unknown or not all(v.isdigit() for v in extra.values()):
@@ -26,8 +26,18 @@ def resolve(spec: str, size: str | None = None, *, scan: bool = False) -> Worklo
                 f"model source {spec!r} has unknown or non-integer options {sorted(extra)}; "
                 "write e.g. builtin:llama:8b:scan:batch_size=16:seq_len=4096."
             )
+        flags = {p for p in parts[3:] if "=" not in p}
+        if flags - {"scan", "remat"}:
+            raise WorkloadError(
+                f"model source {spec!r} has unknown flags {sorted(flags - {'scan', 'remat'})}; "
+                "the flags are scan and remat, e.g. builtin:llama:8b:scan:remat."
+            )
         return registry.get(
-            parts[1], parts[2], scan="scan" in parts[3:], **{k: int(v) for k, v in extra.items()}
+            parts[1],
+            parts[2],
+            scan="scan" in flags,
+            remat="remat" in flags,
+            **{k: int(v) for k, v in extra.items()},
         )
     if spec.startswith("hf:"):
         parts = spec.split(":")

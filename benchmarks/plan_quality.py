@@ -24,11 +24,12 @@ import sys
 import time
 
 # model -> (source, examples per slice of the data axis): the global batch is that times the
-# data axis size (one 4096-token sequence per slice for Llama, as in weak-scaling runs).
+# data axis size (one 4096-token sequence per slice for Llama, as in weak-scaling runs). The
+# decoder LMs checkpoint activations per layer (':remat'), as they are trained at these sizes.
 MODELS = {
-    "gpt2-xl": ("builtin:gpt:gpt2-xl:scan", 2),
-    "llama-8b": ("builtin:llama:8b:scan", 1),
-    "llama-70b": ("builtin:llama:70b:scan", 1),
+    "gpt2-xl": ("builtin:gpt:gpt2-xl:scan:remat", 2),
+    "llama-8b": ("builtin:llama:8b:scan:remat", 1),
+    "llama-70b": ("builtin:llama:70b:scan:remat", 1),
     "bert-large": ("builtin:bert:bert-large", 8),
     "vit-large": ("builtin:vit:vit-large", 32),
     "moe": ("builtin:moe:medium", 1),

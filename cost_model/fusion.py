@@ -9,7 +9,7 @@ than recomputed in each reader (XLA's InstructionFusion will not duplicate it). 
 converted to a float and multiplied in is a select (XLA's algebraic simplifier). An annotation
 or a bitcast reshape shares its operand's buffer.
 
-This is the memory-side view of XLA's fusion; cost_model.compute replays XLA:CPU's fusion pass in
+This is the memory-side view of XLA's fusion; cost_model.xla_accounting replays XLA:CPU's fusion pass in
 full to count FLOPs.
 """
 

@@ -34,6 +34,7 @@ class BertConfig:
     seq_len: int
     n_positions: int
     dtype: str = "float32"
+    remat: bool = False  # activation checkpointing per layer
 
 
 _BERT_VOCAB = 30528
@@ -100,7 +101,9 @@ def forward(params: common.Params, tokens: jax.Array, cfg: BertConfig) -> jax.Ar
     embedding = params["embed"]["embedding"]
     x = jnp.take(embedding, tokens, axis=0) + params["pos_embed"]["embedding"][:seq]
     x = common.layer_norm(params["ln_embed"], x, eps=1e-12)
-    x = common.apply_layers(params, x, functools.partial(post_norm_block, cfg=cfg), cfg.n_layers)
+    x = common.apply_layers(
+        params, x, functools.partial(post_norm_block, cfg=cfg), cfg.n_layers, remat=cfg.remat
+    )
     head = params["mlm_head"]
     h = jax.nn.gelu(common.dense(head["dense"], x), approximate=True)
     h = common.layer_norm(head["ln"], h, eps=1e-12)

@@ -210,9 +210,20 @@ def init_layers(key: Key, n_layers: int, init_layer: Callable[[Key], Params], *,
 
 
 def apply_layers(
-    params: Params, x: jax.Array, block: Callable[[jax.Array, Params], jax.Array], n_layers: int
+    params: Params,
+    x: jax.Array,
+    block: Callable[[jax.Array, Params], jax.Array],
+    n_layers: int,
+    *,
+    remat: bool = False,
 ) -> jax.Array:
-    """Runs the layers made by `init_layers`: a `jax.lax.scan` over `params['layers']` when stacked."""
+    """Runs the layers made by `init_layers`: a `jax.lax.scan` over `params['layers']` when stacked.
+
+    `remat`: activation checkpointing per layer (`jax.checkpoint`, nothing saved inside a layer):
+    the backward pass recomputes each layer's forward from the layer's input.
+    """
+    if remat:
+        block = jax.checkpoint(block, policy=jax.checkpoint_policies.nothing_saveable)
     if "layers" in params:
         x, _ = jax.lax.scan(lambda h, p: (block(h, p), None), x, params["layers"])
         return x

@@ -31,6 +31,7 @@ class GPTConfig:
     seq_len: int
     n_positions: int
     dtype: str = "float32"
+    remat: bool = False  # activation checkpointing per layer
 
     @property
     def d_ff(self) -> int:
@@ -96,7 +97,7 @@ def forward(params: common.Params, tokens: jax.Array, cfg: GPTConfig) -> jax.Arr
     seq = tokens.shape[1]
     embedding = params["embed"]["embedding"]
     x = jnp.take(embedding, tokens, axis=0) + params["pos_embed"]["embedding"][:seq]
-    x = common.apply_layers(params, x, block, cfg.n_layers)
+    x = common.apply_layers(params, x, block, cfg.n_layers, remat=cfg.remat)
     return common.layer_norm(params["ln_f"], x) @ embedding.T
 
 

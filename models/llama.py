@@ -28,6 +28,7 @@ class LlamaConfig:
     seq_len: int
     dtype: str = "float32"
     rope_theta: float = 500_000.0
+    remat: bool = False  # activation checkpointing per layer
 
     @property
     def head_dim(self) -> int:
@@ -88,7 +89,7 @@ def forward(params: common.Params, tokens: jax.Array, cfg: LlamaConfig) -> jax.A
     )
     block = functools.partial(common.pre_norm_block, norm=common.rms_norm, attn=attn, mlp=swiglu)
     x = jnp.take(params["embed"]["embedding"], tokens, axis=0)
-    x = common.apply_layers(params, x, block, cfg.n_layers)
+    x = common.apply_layers(params, x, block, cfg.n_layers, remat=cfg.remat)
     return common.dense(params["lm_head"], common.rms_norm(params["ln_f"], x))
 
 

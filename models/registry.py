@@ -54,6 +54,7 @@ def get(
     scan: bool = False,
     batch_size: int | None = None,
     seq_len: int | None = None,
+    remat: bool = False,
 ) -> Workload:
     """Builds the training-step Workload of a built-in model without allocating any array.
 
@@ -64,11 +65,12 @@ def get(
         `jax.lax.scan` (gpt and llama only).
       batch_size: override the global batch size.
       seq_len: override the sequence length (language models only).
+      remat: activation checkpointing per layer (gpt, llama, bert, vit).
 
     Returns:
       A Workload with `fn = train_step(params, opt_state, batch) -> (params, opt_state, loss)`,
       ShapeDtypeStruct `args`, `donate_argnums=(0, 1)`, `init(seed)` for real random inputs and
-      `source = 'builtin:{name}:{size}'` (plus ':scan', ':batch_size=N', ':seq_len=N').
+      `source = 'builtin:{name}:{size}'` (plus ':scan', ':remat', ':batch_size=N', ':seq_len=N').
 
     Raises:
       WorkloadError: unknown name or size, scan for a model without it, or an invalid override.
@@ -90,8 +92,13 @@ def get(
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise WorkloadError(f"{field} must be a positive integer, got {value!r}.")
         overrides[field] = value
+    if remat:
+        if not hasattr(cfg, "remat"):
+            with_remat = ", ".join(n for n in names() if hasattr(config(n, sizes(n)[0]), "remat"))
+            raise WorkloadError(f"model {name!r} has no remat option; only {with_remat} have one.")
+        overrides["remat"] = True
     cfg = dataclasses.replace(cfg, **overrides)
-    source = f"builtin:{name}:{size}" + (":scan" if scan else "")
+    source = f"builtin:{name}:{size}" + (":scan" if scan else "") + (":remat" if remat else "")
     # Overrides travel in the source so a plan's workload rebuilds with the same shapes.
     source += "".join(f":{k}={v}" for k, v in (("batch_size", batch_size), ("seq_len", seq_len)) if v)
     return module.build(cfg, scan=scan, source=source)

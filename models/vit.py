@@ -28,6 +28,7 @@ class ViTConfig:
     batch_size: int
     channels: int = 3
     dtype: str = "float32"
+    remat: bool = False  # activation checkpointing per layer
 
     @property
     def n_patches(self) -> int:
@@ -99,7 +100,7 @@ def forward(params: common.Params, images: jax.Array, cfg: ViTConfig) -> jax.Arr
     x = common.dense(params["patch_embed"], patchify(images.astype(cfg.dtype), cfg.patch_size))
     cls = jnp.broadcast_to(params["cls"]["embedding"][None], (x.shape[0], 1, cfg.d_model))
     x = jnp.concatenate([cls, x], axis=1) + params["pos_embed"]["embedding"]
-    x = common.apply_layers(params, x, block, cfg.n_layers)
+    x = common.apply_layers(params, x, block, cfg.n_layers, remat=cfg.remat)
     return common.dense(params["head"], common.layer_norm(params["ln_f"], x[:, 0]))
 
 

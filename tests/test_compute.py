@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import pytest
 
 from auto_partition.workloads import resolve
-from cost_model.compute import cumulative_flops, op_costs, op_flops, xla_flops
+from cost_model.compute import cumulative_flops, op_costs, op_flops
+from cost_model.xla_accounting import xla_flops
 from ir.propagate import propagate
 from ir.sharding import MeshShape, Sharding
 from ir.trace import trace

@@ -356,3 +356,36 @@ def test_source_records_shape_overrides_and_rebuilds_the_same_model():
     w = registry.get("llama", "tiny", scan=True, batch_size=16, seq_len=64)
     assert w.source == "builtin:llama:tiny:scan:batch_size=16:seq_len=64"
     assert resolve(w.source).fingerprint() == w.fingerprint()
+
+
+def test_remat_recomputes_the_forward_and_saves_memory():
+    """Per-layer activation checkpointing: the traced step recomputes each layer in the backward
+    pass (more FLOPs) and keeps less alive (less memory), under the same plan."""
+    from auto_partition.workloads import resolve
+    from cost_model.hardware import load_hardware
+    from cost_model.simulate import simulate
+    from ir.sharding import MeshShape
+    from ir.trace import trace
+    from search.baselines import baseline_plans
+
+    mesh = MeshShape.parse("data=2,model=4")
+    hw = load_hardware("h100")
+    reports = {}
+    for src in ("builtin:llama:tiny:batch_size=16", "builtin:llama:tiny:remat:batch_size=16"):
+        w = resolve(src)
+        assert w.source == src
+        g = trace(w)
+        reports[src] = simulate(g, baseline_plans(g, mesh)["dp_tp"], hw)
+    plain, remat = reports.values()
+    assert remat.flops > 1.1 * plain.flops
+    assert remat.memory.temp < plain.memory.temp
+
+
+def test_remat_on_a_model_without_it_is_an_error():
+    from auto_partition.workloads import resolve
+    from ir.workload import WorkloadError
+
+    with pytest.raises(WorkloadError, match="model 'moe' has no remat option; only"):
+        resolve("builtin:moe:tiny:remat")
+    with pytest.raises(WorkloadError, match="unknown flags"):
+        resolve("builtin:llama:tiny:rematt")
