@@ -16,6 +16,8 @@ from search.baselines import baseline_plans
 from search.problem import Budget, CurvePoint, Progress, SearchProblem, SearchResult, Status
 from search.space import Assignment, DecisionSpace
 
+MISFIT = 1e6  # the cost of a plan that does not fit, before its memory overflow is added
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Score:
@@ -25,8 +27,9 @@ class Score:
       step_time: predicted seconds per step.
       memory: predicted per-device peak bytes.
       fits: memory within the problem's budget.
-      cost: the scalar searchers minimise: step time if it fits, else step time scaled up by
-        how far memory exceeds the budget (so the least-overflowing plan wins among misfits).
+      cost: the scalar searchers minimise: step time if it fits; else MISFIT plus memory over
+        the budget, so every fitting plan beats every misfit and among misfits the one that
+        needs least memory wins (it is the plan reported as closest to fitting).
     """
 
     step_time: float
@@ -166,7 +169,7 @@ class Evaluator:
             step_time, peak = self.simulator.step_time_and_peak(self.propagation(assignment))
             cap = self.problem.capacity
             fits = peak <= cap
-            cost = step_time if fits else step_time * (1.0 + 10.0 * (peak / cap - 1.0)) + 1e3
+            cost = step_time if fits else MISFIT + peak / cap
             s = self._shared.scores[assignment] = Score(step_time, peak, fits, cost)
             self.evaluations += 1
         self.cache[assignment] = s

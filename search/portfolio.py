@@ -78,10 +78,13 @@ class Portfolio:
         status = Status.OPTIMAL if optimal and results[winner].status is Status.OPTIMAL else None
         out = ev.result("portfolio", seed=self.seed, status=status, stats=stats)
         curve = _merged_curve(results, start)
+        evaluations = (
+            sum(int(r.stats.get("evaluations", 0)) for r in results.values()) + out.stats["evaluations"]
+        )
         return dataclasses.replace(
             out,
             curve=curve or out.curve,
-            stats={**out.stats, "seconds": round(time.perf_counter() - start, 3)},
+            stats={**out.stats, "evaluations": evaluations, "seconds": round(time.perf_counter() - start, 3)},
         )
 
 
