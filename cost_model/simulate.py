@@ -19,11 +19,11 @@ from collections.abc import Mapping
 
 from cost_model.collectives import collective_time
 from cost_model.compute import OpCost, fused_values, op_cost, roofline_time
-from cost_model.hardware import Hardware, HardwareError
+from cost_model.hardware import DeviceSpec, Hardware, HardwareError
 from cost_model.memory import MemoryReport, compiler_for, memory
 from cost_model.meshes import MeshTopology, topology
 from ir.comm import Collective, CollectiveKind
-from ir.graph import Graph, Role
+from ir.graph import Graph, Op, Role
 from ir.propagate import Propagation, propagate_plan
 
 
@@ -183,7 +183,7 @@ class Simulator:
                 f = self._fused[id(g)] = (g, fused_values(g))
             cost = op_cost(g, op, factors, self.topo.mesh, f[1])
             dev = self.hw.device
-            peak = _peak_flops(dev, _dtype_key(g, cost.primitive, op), cost.primitive) if cost.flops else 1.0
+            peak = device_rate(dev, g, op, cost.primitive) if cost.flops else 1.0
             t = roofline_time(cost.flops, cost.bytes, peak, dev.memory_bandwidth)
             phase = 1 if "transpose(" in op.scope else 0 if "jvp(" in op.scope else 2
             hit = self._op_seconds[key] = (cost, t, phase)
@@ -276,6 +276,18 @@ class Simulator:
             collectives=by_key,
             ops=op_rows,
         )
+
+
+def device_rate(device: DeviceSpec, graph: Graph, op: Op, primitive: str) -> float:
+    """The FLOP/s `device` runs `op` of `graph` at, as the simulator prices it.
+
+    Args:
+      device: the device (its `flops` and `matmul_flops` rates by dtype).
+      graph: the graph holding `op` (its operand dtype picks the rate).
+      op: the op.
+      primitive: the op's primitive (matmuls and convolutions run at the matmul rate).
+    """
+    return _peak_flops(device, _dtype_key(graph, primitive, op), primitive)
 
 
 def _peak_flops(dev, key: str, primitive: str) -> float:

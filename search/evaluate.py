@@ -9,12 +9,11 @@ import time
 
 from cost_model.meshes import topology
 from cost_model.simulate import CostReport, Overlap, Simulator
-from ir.graph import Role
 from ir.plan import Plan, Provenance
 from ir.propagate import Propagation, PropagationCache, propagate
 from search.baselines import baseline_plans
 from search.problem import Budget, CurvePoint, Progress, SearchProblem, SearchResult, Status
-from search.space import Assignment, DecisionSpace
+from search.space import Assignment, DecisionSpace, opt_state_params
 
 MISFIT = 1e6  # the cost of a plan that does not fit, before its memory overflow is added
 
@@ -52,17 +51,7 @@ class _Shared:
         self.seeds: list[Assignment] | None = None
         self.seeds_for: tuple[int, ...] = ()  # ids of the hints `seeds` was made with
         g = problem.graph
-        self.opt_for_param: dict[int, list[int]] = {}
-        params = {
-            g.values[v].name.removeprefix("params/"): v for v in g.inputs if g.values[v].role is Role.PARAM
-        }
-        for vid in g.inputs:
-            v = g.values[vid]
-            if v.role is Role.OPT_STATE:
-                for suffix, pid in params.items():
-                    if v.name.endswith("/" + suffix) and g.values[pid].shape == v.shape:
-                        self.opt_for_param.setdefault(pid, []).append(vid)
-                        break
+        self.opt_for_param = opt_state_params(g)
         self.outputs_alias = tuple(g.output_alias)
         fixed = problem.fixed
         self.constraint = None

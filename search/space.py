@@ -244,3 +244,23 @@ def _label(graph: Graph, members: Sequence[tuple[int, int]]) -> str:
         }
     )
     return names[0] + (f" +{len(names) - 1}" if len(names) > 1 else "")
+
+
+def opt_state_params(graph: Graph) -> dict[int, list[int]]:
+    """Parameter input id -> the optimizer-state inputs that take its sharding: those whose name
+    ends with the parameter's path (less 'params/') and whose shape is its shape, in input order.
+    A state matching several parameters follows the first."""
+    params = {
+        graph.values[v].name.removeprefix("params/"): v
+        for v in graph.inputs
+        if graph.values[v].role is Role.PARAM
+    }
+    out: dict[int, list[int]] = {}
+    for vid in graph.inputs:
+        v = graph.values[vid]
+        if v.role is Role.OPT_STATE:
+            for suffix, pid in params.items():
+                if v.name.endswith("/" + suffix) and graph.values[pid].shape == v.shape:
+                    out.setdefault(pid, []).append(vid)
+                    break
+    return out

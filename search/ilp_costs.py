@@ -1,0 +1,163 @@
+"""The ILP's prices: seconds per node strategy, split by Part, of an op's compute and a value's reshards.
+
+They are the simulator's: an op's roofline time on its local shard at the rate the simulator
+picks, and the alpha-beta time of the collectives ir.propagate reshards a value with, each in
+the Part the simulator's overlap rule puts it in.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from cost_model.collectives import collective_time
+from cost_model.compute import local_sizes, op_flops, roofline_time
+from cost_model.meshes import MeshTopology
+from cost_model.simulate import device_rate
+from ir.comm import CollectiveKind
+from ir.graph import Graph, Op, Role, Value
+from ir.propagate import reshard
+from ir.sharding import MeshShape, Sharding
+from search.ilp_factors import Factors, Groups
+from search.ilp_nodes import N_PARTS, Interner, Part, Source
+
+_ZERO = np.zeros(N_PARTS)
+
+
+class Prices:
+    """Seconds per strategy and Part of ops and reads of one problem, cached by what decides them.
+
+    Args:
+      mesh: the mesh the factors' axes are on.
+      topo: the mesh on its hardware (collective times).
+      overlap: whether communication may hide behind compute (else every collective is exposed).
+      intern: the builder's interned shardings (the caches' keys).
+    """
+
+    def __init__(self, mesh: MeshShape, topo: MeshTopology, overlap: bool, intern: Interner):
+        self.mesh = mesh
+        self.topo = topo
+        self.device = topo.hardware.device
+        self.overlap = overlap
+        self.intern = intern
+        self._reshard_cache: dict[tuple, np.ndarray] = {}
+        self._matrix_cache: dict[tuple, np.ndarray] = {}
+        self._compute_cache: dict[tuple, tuple] = {}
+
+    # -- compute ----------------------------------------------------------------------------------
+
+    def compute_all(self, g: Graph, op: Op, strategies: list[Factors], fused) -> np.ndarray:
+        """Seconds per strategy and Part of one execution of `op` (cached per kind of op)."""
+        key = (
+            id(strategies),
+            op.primitive,
+            op.params.get("y") if op.primitive == "integer_pow" else None,
+            tuple((g.values[v].itemsize, v in fused) for v in (*op.inputs, *op.outputs)),
+            g.values[op.inputs[0]].dtype if op.inputs else "",
+            _compute_part(op),
+        )
+        hit = self._compute_cache.get(key)
+        if hit is None or hit[0] is not strategies:
+            hit = self._compute_cache[key] = (
+                strategies,
+                np.array([self.compute(g, op, f, fused) for f in strategies]),
+            )
+        return hit[1]
+
+    def compute(self, g: Graph, op: Op, factors: Factors, fused) -> np.ndarray:
+        """Seconds of one execution of `op` with `factors` (roofline of its local shard), in its Part."""
+        sizes = local_sizes(op, factors, self.mesh)
+        flops, _ = op_flops(op, sizes)
+        traffic = 0.0
+        for vid, dims in (
+            *zip(op.inputs, op.rule.operands, strict=True),
+            *zip(op.outputs, op.rule.results, strict=True),
+        ):
+            if vid not in fused:
+                traffic += math.prod(sizes[f] for d in dims for f in d) * g.values[vid].itemsize
+        out = np.zeros(N_PARTS)
+        peak = device_rate(self.device, g, op, op.primitive) if flops else 1.0
+        out[_compute_part(op)] = roofline_time(flops, traffic, peak, self.device.memory_bandwidth)
+        return out
+
+    # -- resharding -------------------------------------------------------------------------------
+
+    def matrix(
+        self,
+        g: Graph,
+        vid: int,
+        have: Source,
+        wants: tuple[Sharding, ...],
+        *,
+        same: bool = False,
+        replicated_free: bool = False,
+    ) -> np.ndarray:
+        """Seconds per (have strategy, want) and Part, [n_have, n_want, P]; the diagonal [n, P] if `same`."""
+        v = g.values[vid]
+        key = (
+            v.shape,
+            v.itemsize,
+            _phase_key(v),
+            self.intern.source(have).tobytes(),
+            self.intern.items(wants).tobytes(),
+            same,
+            replicated_free,
+        )
+        m = self._matrix_cache.get(key)
+        if m is None:
+            pairs = zip(have.shardings, have.groups, strict=True)
+            if same:
+                m = np.array(
+                    [
+                        self._reshard(v, h, gr, w, replicated_free)
+                        for (h, gr), w in zip(pairs, wants, strict=True)
+                    ]
+                )
+            else:
+                m = np.array(
+                    [[self._reshard(v, h, gr, w, replicated_free) for w in wants] for h, gr in pairs]
+                )
+            self._matrix_cache[key] = m
+        return m
+
+    def _reshard(
+        self, v: Value, have: Sharding, groups: Groups, want: Sharding, replicated_free: bool
+    ) -> np.ndarray:
+        """Seconds per Part of resharding `v` from `have` (its pending sums grouped as `groups`) to `want`."""
+        if replicated_free and not want.used_axes:
+            want = Sharding(have.dims)
+        if have == want:
+            return _ZERO
+        key = (v.shape, v.itemsize, _phase_key(v), have, groups, want)
+        hit = self._reshard_cache.get(key)
+        if hit is not None:
+            return hit
+        colls, _ = reshard(v, have, want, self.mesh, groups or None)
+        backward, param = _phase_key(v)
+        out = np.zeros(N_PARTS)
+        for c in colls:
+            t = collective_time(c, self.topo)
+            if not self.overlap:
+                out[Part.EXPOSED_COMM] += t
+            elif backward:
+                out[Part.BWD_COMM] += t
+            elif c.kind is CollectiveKind.ALL_GATHER and param:
+                out[Part.FWD_COMM] += t
+            else:
+                out[Part.EXPOSED_COMM] += t
+        self._reshard_cache[key] = out
+        return out
+
+
+def _phase_key(v: Value) -> tuple[bool, bool]:
+    """(made in the backward pass, a parameter or optimizer state): what the overlap rule reads."""
+    return ("transpose(" in v.name, v.role in (Role.PARAM, Role.OPT_STATE))
+
+
+def _compute_part(op: Op) -> Part:
+    if "transpose(" in op.scope:
+        return Part.BWD_COMPUTE
+    if "jvp(" in op.scope:
+        return Part.FWD_COMPUTE
+    return Part.OTHER_COMPUTE
