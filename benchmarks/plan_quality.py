@@ -52,6 +52,7 @@ def main() -> int:
     p.add_argument("--hardware", default="h100")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "plan_quality.json"))
+    p.add_argument("--resume", action="store_true", help="keep the cells already in --out and skip them")
     args = p.parse_args()
 
     from auto_partition.workloads import resolve
@@ -60,6 +61,7 @@ def main() -> int:
     from ir.sharding import MeshShape
     from ir.trace import trace
     from search.baselines import baseline_plans
+    from search.evaluate import clear_shared
     from search.problem import Budget, SearchProblem
     from search.registry import make_searcher
 
@@ -68,9 +70,15 @@ def main() -> int:
     only_portfolio = {float(b) for b in args.portfolio_only_budgets.split(",") if b}
     searchers = args.searchers.split(",")
     rows: list[dict] = []
+    if args.resume and os.path.exists(args.out):
+        with open(args.out) as f:
+            rows = json.load(f)["rows"]
+    done = {(r["model"], r["devices"]) for r in rows}
     for model in args.models.split(","):
         source, batch = MODELS[model]
         for devices in (int(m) for m in args.meshes.split(",")):
+            if (model, devices) in done:
+                continue
             mesh_text, nodes = MESHES[devices]
             mesh = MeshShape.parse(mesh_text)
             data = mesh.axis_size("data")
@@ -105,6 +113,7 @@ def main() -> int:
                 for name in searchers:
                     if budget in only_portfolio and name != "portfolio":
                         continue
+                    clear_shared()  # every search starts cold: no scores left by the previous one
                     problem = SearchProblem(g, mesh, hw, nodes=nodes, source=(source, ""))
                     t = time.perf_counter()
                     result = make_searcher(name, seed=args.seed).search(problem, Budget(seconds=budget))

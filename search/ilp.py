@@ -41,8 +41,9 @@ class ILP:
       memory_points: how many program points the memory rows are written at.
       candidates: solutions the simulator scores: the optimum, then runners-up (each solve
         excludes the decisions found before).
-      deterministic: an interleaved search under a deterministic-time limit too, so that the
-        same seed gives the same plan unless the wall-clock limit ends the search first.
+      deterministic: one CP-SAT worker under a deterministic-time limit too (`workers` is then
+        ignored), so that the same seed gives the same plan unless the wall-clock limit ends the
+        search first.
     """
 
     seed: int = 0

@@ -303,7 +303,11 @@ class Program:
         # decisions are fixed, unit propagation fixes everything else.
         p.cp_model_probing_level = 0
         if deterministic:
-            p.interleave_search = True
+            # One worker under a deterministic-time limit: the same seed gives the same solution.
+            # (Interleaved multi-worker search aborts the process with "Check failed:
+            # heuristics.fixed_search != nullptr" in OR-Tools 9.15 on some of these models, e.g.
+            # the least-memory model of Llama-70B on data=2,model=4.)
+            p.num_workers = 1
             p.max_deterministic_time = _DETERMINISTIC_TIME if seconds is None else max(0.1, seconds)
         if seconds is not None:
             p.max_time_in_seconds = max(0.1, seconds)
