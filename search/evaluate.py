@@ -162,6 +162,9 @@ class Evaluator:
         if hit is not None:
             return hit
         s = self._shared.scores.get(assignment)
+        if s is None and not self.space.valid(assignment):
+            # A searcher's bug, not the user's: never the best, never a crash at the end.
+            s = self._shared.scores[assignment] = Score(math.inf, 0, False, math.inf)
         if s is None:
             step_time, peak = self.simulator.step_time_and_peak(self.propagation(assignment))
             cap = self.problem.capacity
@@ -171,7 +174,7 @@ class Evaluator:
             self.computed += 1
         self.cache[assignment] = s
         self.evaluations += 1
-        new_best = self.best is None or s.cost < self.best[0]
+        new_best = math.isfinite(s.cost) and (self.best is None or s.cost < self.best[0])
         if new_best:
             self.best = (s.cost, assignment)
             self.curve.append(CurvePoint(self.elapsed(), self.evaluations, s.step_time))

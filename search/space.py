@@ -207,12 +207,19 @@ def build_space(
     flat: dict[object, list[tuple[int, int]]] = {}
     for key, parts in units.items():
         members = [m for _, ms in parts for m in ms]
-        vids = [vid for vid, _ in dict.fromkeys(members)]
-        if len(vids) == len(set(vids)):
+        if _one_dim_per_tensor(members):
             flat[key] = members
-        else:
-            for gid, ms in parts:
-                flat[("group", gid)] = ms
+            continue
+        for gid, ms in parts:
+            # A group that holds two dims of one tensor (a square weight read both ways) decides
+            # the first of them; propagation places the other.
+            seen: set[int] = set()
+            kept = []
+            for vid, d in dict.fromkeys(ms):
+                if vid not in seen:
+                    seen.add(vid)
+                    kept.append((vid, d))
+            flat[("group", gid)] = kept
     units = flat
     axis_sets = [
         combo
@@ -234,6 +241,11 @@ def build_space(
         Decision(i, _label(graph, members), members, opts) for i, (_, members, opts) in enumerate(decisions)
     )
     return DecisionSpace(graph, mesh, out, fixed_dims)
+
+
+def _one_dim_per_tensor(members: Sequence[tuple[int, int]]) -> bool:
+    vids = [vid for vid, _ in dict.fromkeys(members)]
+    return len(vids) == len(set(vids))
 
 
 def _label(graph: Graph, members: Sequence[tuple[int, int]]) -> str:
