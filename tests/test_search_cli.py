@@ -160,3 +160,20 @@ def test_tactics_fix_decisions_and_the_search_does_the_rest(capsys, tmp_path):
     batch = [vid for vid in g.inputs if g.values[vid].name.startswith("batch/")]
     shardings = plan.input_shardings(g)
     assert all(shardings[vid].dims[0][:1] == ("data",) for vid in batch)
+
+
+def test_portfolio_is_never_slower_than_the_best_fitting_baseline():
+    """With no member searcher at all, the portfolio returns the best of the expert plans as
+    written and the space's seeds (here the replicated plan, fastest on a tiny model)."""
+    from cost_model.simulate import simulate
+    from search.baselines import baseline_plans
+    from search.portfolio import Portfolio
+
+    w = resolve("builtin:gpt:tiny")
+    g = trace(w)
+    hw = load_hardware("h100")
+    problem = SearchProblem(g, MESH, hw)
+    result = Portfolio(members=()).search(problem, Budget(seconds=30))
+    best = min(simulate(g, p, hw).step_time for p in baseline_plans(g, MESH).values())
+    assert result.report.step_time <= best * (1 + 1e-9)
+    assert result.stats["winner"] in ("baseline", *(f"baseline:{n}" for n in baseline_plans(g, MESH)))
