@@ -121,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="layers stacked and run with lax.scan (default: on for llama and gpt)",
     )
+    s.add_argument(
+        "--remat", action="store_true", help="activation checkpointing per layer (built-in models)"
+    )
     s.add_argument("--mesh", default="data=8,model=8", help="mesh axes and sizes (default data=8,model=8)")
     s.add_argument("--hardware", default="h100", help="hardware preset or YAML file (default h100)")
     s.add_argument("--nodes", type=int, default=None, help="nodes the mesh spans (default: fewest)")

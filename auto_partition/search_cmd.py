@@ -68,7 +68,7 @@ def cmd_search(args) -> int:
     model = args.model or DEFAULT_MODEL
     size = args.size or (DEFAULT_SIZE if model == DEFAULT_MODEL else None)
     scan = args.scan if args.scan is not None else model in ("llama", "gpt")
-    w = resolve(model, size, scan=scan)
+    w = resolve(model, size, scan=scan, remat=args.remat)
     g = trace(w)
     trace_s = time.perf_counter() - t0
     fixed = None

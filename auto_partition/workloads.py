@@ -8,7 +8,7 @@ from ir.workload import Workload, WorkloadError, load_entry_point
 from models import hf, registry
 
 
-def resolve(spec: str, size: str | None = None, *, scan: bool = False) -> Workload:
+def resolve(spec: str, size: str | None = None, *, scan: bool = False, remat: bool = False) -> Workload:
     """Resolves a model spec.
 
     Accepted forms: a built-in name ('gpt', with `size`, default 'tiny'); name-size ('llama-8b',
@@ -47,13 +47,13 @@ def resolve(spec: str, size: str | None = None, *, scan: bool = False) -> Worklo
     if ":" in spec:
         return load_entry_point(spec)
     if spec in registry.names():
-        return registry.get(spec, size or "tiny", scan=scan)
+        return registry.get(spec, size or "tiny", scan=scan, remat=remat)
     for name in registry.names():
         if spec.startswith(name + "-") and spec[len(name) + 1 :] in registry.sizes(name):
-            return registry.get(name, spec[len(name) + 1 :], scan=scan)
+            return registry.get(name, spec[len(name) + 1 :], scan=scan, remat=remat)
     for name in registry.names():  # sizes that carry their family's name, e.g. 'gpt2-xl'
         if spec in registry.sizes(name):
-            return registry.get(name, spec, scan=scan)
+            return registry.get(name, spec, scan=scan, remat=remat)
     names = (*registry.names(), *hf.names())
     spelled = [*names, *(f"{n}-{s}" for n in registry.names() for s in registry.sizes(n))]
     close = difflib.get_close_matches(spec, spelled, n=1)

@@ -88,6 +88,7 @@ class Portfolio:
             for key, value in r.stats.items():
                 if key in ("evaluations", "seconds", "ilp_status", "gap", "objective", "best_bound"):
                     stats[f"{name}_{key}"] = value
+        ev.label = "portfolio"
         # The winner: the best plan any member returned, scored by the shared simulator.
         for r in results.values():
             a = space.assignment_of(r.plan)
@@ -119,13 +120,17 @@ class Portfolio:
             stats["winner"] = winner
             out = ev.result("portfolio", seed=self.seed, status=status, stats=stats)
         curve = _merged_curve(results, start)
-        evaluations = (
-            sum(int(r.stats.get("evaluations", 0)) for r in results.values()) + out.stats["evaluations"]
-        )
+        evaluations = sum(int(r.stats.get("evaluations", 0)) for r in results.values())
+        computed = sum(int(r.stats.get("computed", 0)) for r in results.values())
         return dataclasses.replace(
             out,
             curve=curve or out.curve,
-            stats={**out.stats, "evaluations": evaluations, "seconds": round(time.perf_counter() - start, 3)},
+            stats={
+                **out.stats,
+                "evaluations": evaluations,
+                "computed": computed,
+                "seconds": round(time.perf_counter() - start, 3),
+            },
         )
 
 
