@@ -65,6 +65,12 @@ def cmd_search(args) -> int:
     budget = Budget.parse(args.budget)
     mesh = MeshShape.parse(args.mesh)
     hw = load_hardware(args.hardware)
+    if (
+        args.nodes is None
+        and mesh.size > hw.devices_per_node * hw.nodes
+        and mesh.size % hw.devices_per_node == 0
+    ):
+        args.nodes = mesh.size // hw.devices_per_node  # as few whole nodes as hold the mesh
     model = args.model or DEFAULT_MODEL
     size = args.size or (DEFAULT_SIZE if model == DEFAULT_MODEL else None)
     scan = args.scan if args.scan is not None else model in ("llama", "gpt")

@@ -50,7 +50,7 @@ def main() -> int:
     from cost_model.hardware import load_hardware
     from ir.sharding import MeshShape
     from ir.trace import trace
-    from search.evaluate import Evaluator
+    from search.evaluate import Evaluator, clear_shared
     from search.problem import SearchProblem
     from search.space import build_space
 
@@ -67,6 +67,7 @@ def main() -> int:
         size = {"ops": _count_ops(g), "top_level_ops": len(g.ops), "values": len(g.values)}
         for mode in ("one-decision", "random-shared", "full-cold"):
             rng = random.Random(args.seed)
+            clear_shared()  # scores and caches are shared per problem in a process: start cold
             ev = Evaluator(problem, space)
             seen: set = set()
             times: list[float] = []
@@ -81,6 +82,7 @@ def main() -> int:
                     continue
                 seen.add(a)
                 if mode == "full-cold":
+                    clear_shared()
                     ev = Evaluator(problem, space)
                 t = time.perf_counter()
                 ev.score(a)

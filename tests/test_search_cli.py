@@ -177,3 +177,11 @@ def test_portfolio_is_never_slower_than_the_best_fitting_baseline():
     best = min(simulate(g, p, hw).step_time for p in baseline_plans(g, MESH).values())
     assert result.report.step_time <= best * (1 + 1e-9)
     assert result.stats["winner"] in ("baseline", *(f"baseline:{n}" for n in baseline_plans(g, MESH)))
+
+
+def test_a_mesh_larger_than_one_node_spans_as_few_nodes_as_hold_it(capsys):
+    code, out, err = _run(
+        capsys, "search", "mlp", "--mesh", "data=16", "--searcher", "exhaustive", "--budget", "5s", "--json"
+    )
+    assert code == 0, err
+    assert json.loads(out)["nodes"] == 2
