@@ -69,10 +69,18 @@ def _forced_problem(source: str, fraction: float) -> tuple:
     return w, g, problem, replicated
 
 
-@pytest.mark.parametrize("source", ["builtin:mlp:tiny", "builtin:gpt:tiny"])
-def test_found_plans_execute_and_match_the_unsharded_step(source):
+@pytest.mark.parametrize(
+    "source,searcher",
+    [
+        ("builtin:mlp:tiny", "exhaustive"),
+        ("builtin:mlp:tiny", "portfolio"),
+        ("builtin:gpt:tiny", "exhaustive"),
+        ("builtin:gpt:tiny", "ilp"),
+    ],
+)
+def test_found_plans_execute_and_match_the_unsharded_step(source, searcher):
     w, g, problem, replicated = _forced_problem(source, 0.6)
-    result = make_searcher("exhaustive").search(problem, Budget(seconds=40))
+    result = make_searcher(searcher).search(problem, Budget(seconds=20))
     assert result.report.fits and result.report.memory.peak < replicated
     assert any(any(s.dims) for s in result.plan.input_shardings(g).values())  # it shards something
     checks = check_plans(w, [("found", result.plan)], modes=(Mode.CONSTRAINED, Mode.PORTABLE), graph=g)
