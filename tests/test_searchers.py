@@ -106,10 +106,11 @@ def test_wall_clock_budget_is_kept(searcher, hardware):
     t0 = time.perf_counter()
     result = _run(searcher, problem, Budget(seconds=seconds))
     took = time.perf_counter() - t0
-    # 10% either way, and half a second for setting up (decision space, baselines) and the result.
+    # 10% either way, and half a second either way for setting up (decision space, baselines) and
+    # for the result (a searcher stops early by the time its final report will take).
     assert took <= 1.1 * seconds + 0.5, result.stats
     if result.status is not Status.OPTIMAL:  # a proof of optimality may end a search early
-        assert took >= 0.9 * seconds, result.stats
+        assert took >= 0.9 * seconds - 0.5, result.stats
 
 
 def test_same_seed_same_plan(searcher, hardware):
