@@ -20,7 +20,7 @@ sharding the way XLA's SPMD partitioner carries it out (docs/xla-partitioner.md)
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 from ir.comm import Collective, CollectiveKind
 from ir.graph import Graph, Op, Role, Value
@@ -225,85 +225,17 @@ class _Propagator:
 
     def _decide(self, op: Op, ins: tuple, targets: tuple) -> tuple:
         """(factors, operand shardings, result shardings, sum groups) of one op."""
-        rule = self._rule = op.rule
+        rule = op.rule
         g = self.g
-        proposals: list[tuple[tuple, int, tuple[str, ...]]] = []
-        for k, vid in enumerate(op.inputs):
-            prio = (0, vid in self.batch, g.values[vid].nbytes, -k)
-            self._propose(rule.operands[k], ins[k], prio, proposals)
-        for k, want in enumerate(targets):
-            if want is not None:
-                self._propose(rule.results[k], want, (1, True, 0, -k), proposals)
-        factors = self._assign(rule, proposals)
-        operands = tuple(Sharding(self._dims(rule.operands[k], factors)) for k in range(len(op.inputs)))
-        partial = frozenset(a for f in rule.factors_of(FactorKind.REDUCTION) for a in factors[f])
-        # XLA's partitioner reduces each sharded reduction dim of an op by its own all-reduce
-        # (minor dim first; factors are numbered in operand dim order).
-        groups = (
-            tuple(factors[f] for f in reversed(rule.factors_of(FactorKind.REDUCTION)) if factors[f])
-            if partial
-            else ()
-        )
-        results = tuple(
-            Sharding(self._dims(rule.results[k], factors), partial) for k in range(len(op.outputs))
-        )
+        proposals = [
+            ((0, vid in self.batch, g.values[vid].nbytes, -k), rule.operands[k], ins[k])
+            for k, vid in enumerate(op.inputs)
+        ]
+        proposals += [((1, True, 0, -k), rule.results[k], want) for k, want in enumerate(targets) if want]
+        factors = assign_factors(rule, proposals, self.mesh)
+        operands = tuple(Sharding(tensor_dims(rule.operands[k], factors)) for k in range(len(op.inputs)))
+        results, groups = result_shardings(rule, factors)
         return factors, operands, results, groups
-
-    def _propose(self, dims_map, s: Sharding, prio: tuple, out: list) -> None:
-        for d, fs in enumerate(dims_map):
-            axes = s.dims[d]
-            if not axes or not fs:
-                continue
-            if len(fs) == 1:
-                out.append((prio, fs[0], axes))
-                continue
-            # A compound dim: axes fill its factors major first; a factor takes axes while
-            # their product divides it, and the next factor starts only once it is whole.
-            rest = list(axes)
-            for f in fs:
-                taken: list[str] = []
-                while rest and self._fsize(f) % self.mesh.axes_size((*taken, rest[0])) == 0:
-                    taken.append(rest.pop(0))
-                if taken:
-                    out.append((prio, f, tuple(taken)))
-                if self.mesh.axes_size(taken) != self._fsize(f):
-                    break
-
-    def _fsize(self, f: int) -> int:
-        return self._rule.sizes[f]
-
-    def _assign(self, rule: OpRule, proposals: list) -> tuple[tuple[str, ...], ...]:
-        factors: list[tuple[str, ...] | None] = [None] * rule.num_factors
-        used: set[str] = set()
-        for _, f, axes in sorted(proposals, key=lambda p: p[0], reverse=True):
-            if factors[f] is not None or rule.kinds[f] is FactorKind.LOCAL:
-                continue
-            taken: list[str] = []
-            for a in axes:
-                if a in used or rule.sizes[f] % self.mesh.axes_size((*taken, a)):
-                    break
-                taken.append(a)
-            if taken:
-                factors[f] = tuple(taken)
-                used.update(taken)
-        out = [f or () for f in factors]
-        # A compound dim is a contiguous block only if every factor before its minor-most
-        # sharded one is wholly sharded; unshard the minor factors that break this.
-        for tensor in (*rule.operands, *rule.results):
-            for fs in tensor:
-                if len(fs) < 2:
-                    continue
-                broken = False
-                for f in fs:
-                    if broken:
-                        out[f] = ()
-                    elif self.mesh.axes_size(out[f]) != rule.sizes[f]:
-                        broken = True
-        return tuple(out)
-
-    @staticmethod
-    def _dims(dims_map, factors) -> tuple[tuple[str, ...], ...]:
-        return tuple(tuple(a for f in fs for a in factors[f]) for fs in dims_map)
 
     # -- reading a value with a given sharding -----------------------------------------------------
 
@@ -403,6 +335,85 @@ class _Propagator:
         self.bodies[op.id] = tuple(subs)
         for j, vid in enumerate(op.outputs):
             self.cur[vid] = outs[j]
+
+
+def assign_factors(
+    rule: OpRule, proposals: Sequence[tuple[tuple, tuple[tuple[int, ...], ...], Sharding]], mesh: MeshShape
+) -> tuple[tuple[str, ...], ...]:
+    """The mesh axes of each factor of an op whose tensors are sharded as proposed.
+
+    Each (priority, the tensor's factors per dim, sharding) proposes its dims' axes for their
+    factors; in a compound dim the axes fill its factors major first, a factor taking axes while
+    their product divides it. The highest priority takes a factor, a LOCAL factor takes nothing,
+    an axis goes to one factor only and must divide it. Last, a compound dim is a contiguous block
+    only if every factor before its minor-most sharded one is wholly sharded: the minor factors
+    that break this are unsharded.
+    """
+    props: list[tuple[tuple, int, tuple[str, ...]]] = []
+    for prio, dims_map, s in proposals:
+        for d, fs in enumerate(dims_map):
+            axes = s.dims[d]
+            if not axes or not fs:
+                continue
+            if len(fs) == 1:
+                props.append((prio, fs[0], axes))
+                continue
+            rest = list(axes)
+            for f in fs:
+                taken: list[str] = []
+                while rest and rule.sizes[f] % mesh.axes_size((*taken, rest[0])) == 0:
+                    taken.append(rest.pop(0))
+                if taken:
+                    props.append((prio, f, tuple(taken)))
+                if mesh.axes_size(taken) != rule.sizes[f]:
+                    break
+    factors: list[tuple[str, ...] | None] = [None] * rule.num_factors
+    used: set[str] = set()
+    for _, f, axes in sorted(props, key=lambda p: p[0], reverse=True):
+        if factors[f] is not None or rule.kinds[f] is FactorKind.LOCAL:
+            continue
+        taken = []
+        for a in axes:
+            if a in used or rule.sizes[f] % mesh.axes_size((*taken, a)):
+                break
+            taken.append(a)
+        if taken:
+            factors[f] = tuple(taken)
+            used.update(taken)
+    out = [f or () for f in factors]
+    make_contiguous(rule, out, mesh)
+    return tuple(out)
+
+
+def make_contiguous(rule: OpRule, factors: list[tuple[str, ...]], mesh: MeshShape) -> None:
+    """Unshards, in place, the minor factors of a compound dim that would break it into pieces."""
+    for tensor in (*rule.operands, *rule.results):
+        for fs in tensor:
+            if len(fs) < 2:
+                continue
+            broken = False
+            for f in fs:
+                if broken:
+                    factors[f] = ()
+                elif mesh.axes_size(factors[f]) != rule.sizes[f]:
+                    broken = True
+
+
+def tensor_dims(dims_map, factors) -> tuple[tuple[str, ...], ...]:
+    """The mesh axes of each dim of a tensor whose dims hold `dims_map`'s factors."""
+    return tuple(tuple(a for f in fs for a in factors[f]) for fs in dims_map)
+
+
+def result_shardings(
+    rule: OpRule, factors: tuple[tuple[str, ...], ...]
+) -> tuple[tuple[Sharding, ...], tuple[tuple[str, ...], ...]]:
+    """Each result's sharding (a pending sum over the sharded reduction factors' axes), and the
+    partial axes grouped as XLA's partitioner reduces them: one all-reduce per sharded reduction
+    dim, minor dim first (factors are numbered in operand dim order)."""
+    red = rule.factors_of(FactorKind.REDUCTION)
+    partial = frozenset(a for f in red for a in factors[f])
+    groups = tuple(factors[f] for f in reversed(red) if factors[f]) if partial else ()
+    return tuple(Sharding(tensor_dims(dims, factors), partial) for dims in rule.results), groups
 
 
 def reshard(

@@ -33,10 +33,11 @@ from cost_model.compute import fused_values
 from cost_model.meshes import MeshTopology
 from ir.graph import Graph, Op, Role, Value
 from ir.plan import name_pattern
+from ir.propagate import tensor_dims
 from ir.rules import OpRule
 from ir.sharding import Sharding
 from search.ilp_costs import Prices
-from search.ilp_factors import Factors, Groups, merge, op_strategies, result_sharding, tensor_dims
+from search.ilp_factors import Factors, Groups, merge, op_strategies, result_sharding
 from search.ilp_memory import Liveness
 from search.ilp_nodes import (
     CONST_NODE,
