@@ -48,13 +48,15 @@ GENERATED = frozenset(("broadcast_in_dim", "iota"))
 
 
 def fused_and_aliased(
-    prop: Propagation, library_reduce_elements: int = 0
+    prop: Propagation, library_reduce_elements: int = 0, memo: dict | None = None
 ) -> tuple[frozenset[int], dict[int, int]]:
     """(values no buffer holds, value -> the value whose buffer it holds).
 
     Args:
       prop: a propagated graph (local sizes decide which reductions go to a library).
       library_reduce_elements: see `cost_model.liveness.Compiler`; 0 for no library.
+      memo: a dict to reuse across calls for one graph: the fused set is a function of the
+        aliases and library reductions, which few sharding changes change.
 
     A value is computed inside the fusions that read it, never written, when its op is loop-
     fusible and every reader fuses it: a fusible op, or a reduction the backend fuses (one that
@@ -65,13 +67,11 @@ def fused_and_aliased(
     g = prop.graph
     mesh = prop.mesh
     readers = g.consumers
-    ops = g.ops
+    shardings = prop.shardings
 
     def elements(vid: int) -> int:
         v = g.values[vid]
-        return math.prod(
-            n // mesh.axes_size(a) for n, a in zip(v.shape, prop.shardings[vid].dims, strict=True)
-        )
+        return math.prod(n // mesh.axes_size(a) for n, a in zip(v.shape, shardings[vid].dims, strict=True))
 
     library: set[int] = set()  # ops inside a library reduction
     if library_reduce_elements:
@@ -90,21 +90,45 @@ def fused_and_aliased(
             ):
                 library.add(op.id)
     alias: dict[int, int] = {}
+    candidates = None
+    if memo is not None:
+        hit = memo.get(id(g))
+        if hit is None or hit[0] is not g:
+            hit = memo[id(g)] = (g, _alias_ops(g))
+        candidates = hit[1]
+    for op in candidates if candidates is not None else _alias_ops(g):
+        decided = prop.ops[op.id]
+        if decided is None:
+            continue
+        src, vid = op.inputs[0], op.outputs[0]
+        if decided.operands[0] == shardings[src] and elements(src) == elements(vid):
+            alias[vid] = alias.get(src, src)
+    if memo is None:
+        return _fused(g, alias, library), alias
+    key = (id(g), frozenset(alias.items()), frozenset(library))
+    hit = memo.get(key)
+    if hit is None or hit[0] is not g:
+        hit = memo[key] = (g, _fused(g, alias, library))
+    return hit[1], alias
+
+
+def _alias_ops(g) -> list:
+    """The ops whose result may share their operand's buffer (annotations, reshapes, no-op casts)."""
+    out = []
     for op in g.ops:
         same_type = (
             op.primitive == "convert_element_type"
             and op.inputs
             and g.values[op.inputs[0]].dtype == g.values[op.outputs[0]].dtype
         )
-        if (
-            (op.primitive in _ALIASES or same_type)
-            and len(op.outputs) == 1
-            and op.inputs
-            and prop.ops[op.id] is not None
-        ):
-            src, vid = op.inputs[0], op.outputs[0]
-            if prop.ops[op.id].operands[0] == prop.shardings[src] and elements(src) == elements(vid):
-                alias[vid] = alias.get(src, src)
+        if (op.primitive in _ALIASES or same_type) and len(op.outputs) == 1 and op.inputs:
+            out.append(op)
+    return out
+
+
+def _fused(g, alias: dict[int, int], library: set[int]) -> frozenset[int]:
+    readers = g.consumers
+    ops = g.ops
     # The readers of a buffer: those of its value and of every value aliasing it.
     group_readers: dict[int, set[int]] = {}
     returned = {alias.get(vid, vid) for vid in g.outputs}
@@ -132,4 +156,4 @@ def fused_and_aliased(
             for r in rs
         ):
             fused.add(vid)
-    return frozenset(fused), alias
+    return frozenset(fused)

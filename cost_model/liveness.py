@@ -29,8 +29,9 @@ from __future__ import annotations
 import collections
 import dataclasses
 import heapq
+import itertools
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 from cost_model.fusion import GENERATED, fused_and_aliased
 from ir.comm import CollectiveKind
@@ -182,6 +183,12 @@ def _sum_groups(prop: Propagation, op: Op) -> tuple[tuple[str, ...], ...]:
     return tuple(f[x] for x in reversed(op.rule.factors_of(FactorKind.REDUCTION)) if f[x])
 
 
+def _resolutions(prop: Propagation, op: Op, compiler: Compiler) -> tuple[_Resolution, ...]:
+    """The resolutions of an op's results that are not stored as written."""
+    found = (_resolution(prop, op, k, compiler) for k in range(len(op.outputs)))
+    return tuple(r for r in found if r is not None)
+
+
 def _resolution(prop: Propagation, op: Op, k: int, compiler: Compiler) -> _Resolution | None:
     vid = op.outputs[k]
     v = prop.graph.values[vid]
@@ -276,7 +283,37 @@ def _combine(g: Graph, order: list[Op], cands: list[_Resolution], compiler: Comp
     return groups
 
 
-def timeline(prop: Propagation, compiler: Compiler = XLA_CPU, body_peaks: dict | None = None) -> list[Buffer]:
+class TimelineCache:
+    """Memo tables for the timelines of many propagations of one graph under one compiler (a
+    searcher's inner loop): loop-body peaks by body propagation (a `PropagationCache` returns a
+    body it has seen as the same object), and per graph its live ops, each op's pending-sum
+    resolutions by the op's factors, the fused values by the aliases, the combined groups by
+    their candidates and the schedule by the groups. Keys hold graph ids; entries keep their
+    graph alive."""
+
+    def __init__(self):
+        self.body_peaks: dict[int, tuple[Propagation, int]] = {}
+        self.fusion: dict = {}
+        self.graphs: dict[int, tuple[Graph, list[Op], list[Op]]] = {}
+        self.resolutions: dict[tuple, tuple] = {}
+        self.combined: dict[tuple, list[list[int]]] = {}
+        self.schedules: dict[tuple, list[int]] = {}
+        self.sizes: dict[tuple, int] = {}
+        self.slices: dict[tuple, tuple] = {}
+        self.moves: dict[tuple, bool] = {}  # (graph, value, have, want) -> whether a collective moves it
+
+    def graph(self, g: Graph) -> tuple[list[Op], list[Op]]:
+        """(live ops in program order, scan ops)."""
+        hit = self.graphs.get(id(g))
+        if hit is None or hit[0] is not g:
+            order = [op for op in g.ops if op.id in g.live_ops]
+            hit = self.graphs[id(g)] = (g, order, [op for op in g.ops if op.primitive == "scan"])
+        return hit[1], hit[2]
+
+
+def timeline(
+    prop: Propagation, compiler: Compiler = XLA_CPU, cache: TimelineCache | None = None
+) -> list[Buffer]:
     """The temporary buffers of one propagated graph, with the steps that write and last read them.
 
     Arguments and the buffers of outputs are not temporaries; everything else that is written is:
@@ -286,30 +323,103 @@ def timeline(prop: Propagation, compiler: Compiler = XLA_CPU, body_peaks: dict |
     Args:
       prop: a propagated graph (a step, or a loop body).
       compiler: the backend's choices (see `Compiler`).
-      body_peaks: id(body propagation) -> (body propagation, its peak), filled and reused across
-        calls with one compiler (a `PropagationCache` returns the same object for a body it saw).
+      cache: memo tables reused across calls with one compiler (see `TimelineCache`).
     """
+    values = prop.graph.values
+    buffers, _ = _buffers(prop, compiler, cache)
+    return [Buffer(_name(values, kind, vid, extra), vid, b, s, e) for kind, vid, b, s, e, extra in buffers]
+
+
+def temp_peak(prop: Propagation, compiler: Compiler = XLA_CPU, cache: TimelineCache | None = None) -> int:
+    """`peak(timeline(prop, compiler, cache))[0]`, without naming the buffers."""
+    buffers, steps = _buffers(prop, compiler, cache)
+    delta = [0] * (steps + 2)
+    for _, _, b, start, end, _ in buffers:
+        delta[start] += b
+        delta[end + 1] -= b
+    return max(0, *itertools.accumulate(delta))
+
+
+# Kinds of buffer, for their names (see Buffer.name).
+_VALUE, _WRITTEN, _REDUCED, _COPY, _DONATED, _BODY, _TUPLE = range(7)
+
+
+def _name(values, kind: int, vid: int, extra) -> str:
+    if kind == _VALUE:
+        return values[vid].name
+    if kind == _WRITTEN:
+        return f"{values[vid].name} [as written]"
+    if kind == _REDUCED:
+        return f"{values[vid].name} [all-reduced]"
+    if kind == _COPY:
+        return f"{values[vid].name} -> {_spec(extra)}"
+    if kind == _DONATED:
+        return f"{values[vid].name} (copy)"
+    if kind == _BODY:
+        return f"({extra} body peak)"
+    return "(combined collective)"
+
+
+def _buffers(prop: Propagation, compiler: Compiler, cache: TimelineCache | None) -> tuple[list[tuple], int]:
+    """The timeline as (kind, value, bytes, start, end, extra) tuples, and the last step."""
     g = prop.graph
     mesh = prop.mesh
-    fused, alias = fused_and_aliased(prop, compiler.library_reduce_elements)
-    order = [op for op in g.ops if op.id in g.live_ops]
+    if cache is None:
+        fused, alias = fused_and_aliased(prop, compiler.library_reduce_elements)
+        order = [op for op in g.ops if op.id in g.live_ops]
+        scans = [op for op in g.ops if op.primitive == "scan"]
+        memo: dict[int, frozenset[int]] = {}
+        sizes: dict[tuple, int] = {}
+    else:
+        fused, alias = fused_and_aliased(prop, compiler.library_reduce_elements, cache.fusion)
+        order, scans = cache.graph(g)
+        memo = cache.fusion.setdefault(("sources", id(g), id(fused)), {})
+        sizes = cache.sizes
     pinned = {alias.get(v, v) for v in (*g.inputs, *g.outputs)}
 
     resolutions: dict[int, _Resolution] = {}
+    shardings = prop.shardings
+    gid = id(g)
     for op in order:
-        for k, vid in enumerate(op.outputs):
-            r = _resolution(prop, op, k, compiler)
-            if r is not None:
-                resolutions[vid] = r
+        decided = prop.ops[op.id]
+        if decided is None or op.rule is None:
+            continue  # a loop or branch writes its results as its body leaves them
+        if cache is None:
+            found = _resolutions(prop, op, compiler)
+        else:
+            # Decisions are shared objects (a PropagationCache hands the same one out again):
+            # keyed by identity, kept alive by the entry.
+            outs = op.outputs
+            key = (
+                gid,
+                op.id,
+                id(decided),
+                shardings[outs[0]] if len(outs) == 1 else tuple(shardings[v] for v in outs),
+            )
+            hit = cache.resolutions.get(key)
+            if hit is None or hit[0] is not decided:
+                hit = cache.resolutions[key] = (decided, _resolutions(prop, op, compiler))
+            found = hit[1]
+        for r in found:
+            resolutions[r.value] = r
     cands = [r for r in resolutions.values() if r.key is not None]
-    groups = [[cands[m] for m in members] for members in _combine(g, order, cands, compiler)]
+    if cache is None or not cands:
+        combined = _combine(g, order, cands, compiler)
+    else:
+        key = (id(g), tuple((c.value, c.key, c.bytes) for c in cands))
+        combined = cache.combined.get(key)
+        if combined is None:
+            combined = cache.combined[key] = _combine(g, order, cands, compiler)
+    groups = [[cands[m] for m in members] for members in combined]
     groups += [[r] for r in resolutions.values() if r.key is None]
 
     def size(vid: int, s: Sharding) -> int:
-        v = g.values[vid]
-        return local_bytes(v.shape, v.itemsize, s, mesh)
-
-    memo: dict[int, frozenset[int]] = {}
+        key = (gid, vid, s)
+        b = sizes.get(key)
+        if b is None:
+            v = g.values[vid]
+            b = sizes[key] = local_bytes(v.shape, v.itemsize, s, mesh)
+        return b
 
     def sources(vid: int) -> frozenset[int]:
         """The buffers a fused value is computed from."""
@@ -324,28 +434,40 @@ def timeline(prop: Propagation, compiler: Compiler = XLA_CPU, body_peaks: dict |
     written: dict[int, int] = {}  # value id -> step its stored buffer is written
     last_read: dict[int, int] = {}  # value id -> last step that reads its stored buffer
     copies: dict[tuple[int, tuple], list] = {}  # (value, dims) -> [bytes, first step, last step]
-    out: list[Buffer] = []
+    out: list[tuple] = []
     partial: dict[int, int] = {}  # value id -> index in `out` of the buffer its op writes
     op_step: dict[int, int] = {}
-    sliced = _loop_slices(prop)  # broadcast value -> the most bytes a reader reads it in
-    for op, sums in _schedule(g, order, groups, compiler.breadth_first):
-        if op is None:
-            step = _collective(g, sums, step, out, partial, written, size, compiler)
+    sliced = _loop_slices(prop, scans, cache)  # broadcast value -> the most bytes a reader reads it in
+    breadth_first = compiler.breadth_first
+    producer = g.producer
+    ops = g.ops
+    for n in _schedule(g, order, groups, breadth_first, cache):
+        if n < 0:
+            step = _collective(groups[-1 - n], step, out, partial, written, size, compiler)
             continue
-        decided = prop.ops[op.id]
+        op = ops[n]
+        decided = prop.ops[n]
         wants = decided.operands if decided is not None else (None,) * len(op.inputs)
         targets = []
         for vid, want in zip(op.inputs, wants, strict=True):
-            if want is None or want.dims == prop.shardings[vid].dims:
+            if want is None or want.dims == shardings[vid].dims:
                 targets.append(None)
                 continue
             key = (vid, want.dims)
             if key not in copies:
-                colls, _ = reshard(g.values[vid], prop.shardings[vid], Sharding(want.dims), mesh)
+                if cache is None:
+                    colls = reshard(g.values[vid], shardings[vid], Sharding(want.dims), mesh)[0]
+                else:
+                    moves = (gid, vid, shardings[vid], want)
+                    colls = cache.moves.get(moves)
+                    if colls is None:
+                        colls = cache.moves[moves] = bool(
+                            reshard(g.values[vid], shardings[vid], Sharding(want.dims), mesh)[0]
+                        )
                 if not colls and vid in fused:
                     targets.append(None)  # a local slice of a fused value fuses too
                     continue
-                if not colls and vid in g.producer and g.ops[g.producer[vid]].primitive in GENERATED:
+                if not colls and vid in producer and g.ops[producer[vid]].primitive in GENERATED:
                     # A slice of a broadcast or iota is a smaller one: made at the size read.
                     sliced[vid] = max(sliced.get(vid, 0), size(vid, want))
                     targets.append(None)
@@ -359,8 +481,8 @@ def timeline(prop: Propagation, compiler: Compiler = XLA_CPU, body_peaks: dict |
         op_step[op.id] = step
         subs = prop.bodies.get(op.id)
         if subs:  # a loop or branch: its body's own peak while it runs
-            inner = max(_body_peak(sub, compiler, body_peaks) for sub in subs)
-            out.append(Buffer(f"({op.primitive} body peak)", -1, inner, step, step))
+            inner = max(_body_peak(sub, compiler, cache) for sub in subs)
+            out.append((_BODY, -1, inner, step, step, op.primitive))
         for vid, key, want in zip(op.inputs, targets, wants, strict=True):
             if key is not None:
                 copies[key][2] = step
@@ -369,26 +491,18 @@ def timeline(prop: Propagation, compiler: Compiler = XLA_CPU, body_peaks: dict |
                     last_read[s] = step
             else:
                 last_read[alias.get(vid, vid)] = step
-                if vid in sliced and want is not None and want.dims == prop.shardings[vid].dims:
-                    sliced[vid] = size(vid, prop.shardings[vid])
+                if vid in sliced and want is not None and want.dims == shardings[vid].dims:
+                    sliced[vid] = size(vid, shardings[vid])
         stacked = op.outputs[op.params["num_carry"] :] if op.primitive == "scan" else ()
         for vid in op.outputs:
             # A scan's stacked outputs are loop-state buffers filled from zeros, which depend on
             # nothing: a breadth-first schedule makes them at the start.
-            written[vid] = 1 if vid in stacked and compiler.breadth_first else step
+            written[vid] = 1 if breadth_first and vid in stacked else step
             r = resolutions.get(vid)
             if r is not None:
                 # The buffer the op writes, until the collective that reads it (set below).
                 partial[vid] = len(out)
-                out.append(
-                    Buffer(
-                        f"{g.values[vid].name} [as written]",
-                        vid,
-                        size(vid, Sharding(r.produced.dims)),
-                        step,
-                        step,
-                    )
-                )
+                out.append((_WRITTEN, vid, size(vid, Sharding(r.produced.dims)), step, step, None))
     for vid in g.outputs:
         last_read[alias.get(vid, vid)] = step
     if compiler.copies_donated_inputs:
@@ -396,66 +510,98 @@ def timeline(prop: Propagation, compiler: Compiler = XLA_CPU, body_peaks: dict |
     for vid, s in written.items():
         if vid in fused or vid in pinned or vid in alias or vid not in last_read:
             continue
-        b = sliced[vid] if vid in sliced else size(vid, prop.shardings[vid])
-        out.append(Buffer(g.values[vid].name, vid, b, s, max(s, last_read[vid])))
+        b = sliced[vid] if vid in sliced else size(vid, shardings[vid])
+        out.append((_VALUE, vid, b, s, max(s, last_read[vid]), None))
     for (vid, dims), (b, first, last) in copies.items():
-        out.append(Buffer(f"{g.values[vid].name} -> {_spec(dims)}", vid, b, first, last))
-    return out
+        out.append((_COPY, vid, b, first, last, dims))
+    return out, step
 
 
-def _body_peak(sub: Propagation, compiler: Compiler, memo: dict | None) -> int:
-    if memo is None:
-        return peak(timeline(sub, compiler))[0]
-    hit = memo.get(id(sub))
+def _body_peak(sub: Propagation, compiler: Compiler, cache: TimelineCache | None) -> int:
+    if cache is None:
+        return temp_peak(sub, compiler)
+    hit = cache.body_peaks.get(id(sub))
     if hit is None or hit[0] is not sub:
-        hit = memo[id(sub)] = (sub, peak(timeline(sub, compiler, memo))[0])
+        hit = cache.body_peaks[id(sub)] = (sub, temp_peak(sub, compiler, cache))
     return hit[1]
 
 
-def _loop_slices(prop: Propagation) -> dict[int, int]:
+def _loop_slices(prop: Propagation, scans: list[Op], cache: TimelineCache | None = None) -> dict[int, int]:
     """Broadcasts and iotas a loop takes as constants and whose body reads them only sliced
     locally: value -> bytes of the largest slice read (XLA makes the smaller broadcast)."""
-    g = prop.graph
     out: dict[int, int] = {}
-    for op in g.ops:
+    for op in scans:
         subs = prop.bodies.get(op.id)
-        if op.primitive != "scan" or not subs:
+        if not subs:
             continue
-        sub = subs[0]
-        for k, vid in enumerate(op.inputs[: op.params["num_consts"]]):
-            if vid not in g.producer or g.ops[g.producer[vid]].primitive not in GENERATED:
-                continue
-            b = sub.graph.inputs[k]
-            v = sub.graph.values[b]
-            largest = 0
-            for r in sub.graph.consumers.get(b, ()):
-                decided = sub.ops[r]
-                wants = (
-                    [w for u, w in zip(sub.graph.ops[r].inputs, decided.operands, strict=True) if u == b]
-                    if decided
-                    else [None]
+        if cache is None:
+            found = _slices(prop, op, subs[0])
+        else:
+            hit = cache.slices.get((id(prop.graph), op.id, id(subs[0])))
+            if hit is None or hit[0] is not subs[0]:
+                hit = cache.slices[(id(prop.graph), op.id, id(subs[0]))] = (
+                    subs[0],
+                    _slices(prop, op, subs[0]),
                 )
-                for w in wants:
-                    if w is None or reshard(v, sub.shardings[b], Sharding(w.dims), prop.mesh)[0]:
-                        largest = -1
-                        break
-                    largest = max(largest, local_bytes(v.shape, v.itemsize, w, prop.mesh))
-                if largest < 0:
+            found = hit[1]
+        for vid, b in found:
+            out[vid] = max(out.get(vid, 0), b)
+    return out
+
+
+def _slices(prop: Propagation, op: Op, sub: Propagation) -> list[tuple[int, int]]:
+    """(value, bytes of the largest slice its body reads) of one loop's sliced constants."""
+    g = prop.graph
+    out = []
+    for k, vid in enumerate(op.inputs[: op.params["num_consts"]]):
+        if vid not in g.producer or g.ops[g.producer[vid]].primitive not in GENERATED:
+            continue
+        b = sub.graph.inputs[k]
+        v = sub.graph.values[b]
+        largest = 0
+        for r in sub.graph.consumers.get(b, ()):
+            decided = sub.ops[r]
+            wants = (
+                [w for u, w in zip(sub.graph.ops[r].inputs, decided.operands, strict=True) if u == b]
+                if decided
+                else [None]
+            )
+            for w in wants:
+                if w is None or reshard(v, sub.shardings[b], Sharding(w.dims), prop.mesh)[0]:
+                    largest = -1
                     break
-            if largest >= 0:  # 0: the body does not read it (XLA drops it from the loop)
-                out[vid] = max(out.get(vid, 0), largest)
+                largest = max(largest, local_bytes(v.shape, v.itemsize, w, prop.mesh))
+            if largest < 0:
+                break
+        if largest >= 0:  # 0: the body does not read it (XLA drops it from the loop)
+            out.append((vid, largest))
     return out
 
 
 def _schedule(
-    g: Graph, order: list[Op], groups: list[list[_Resolution]], breadth_first: bool
-) -> Iterator[tuple[Op | None, list[_Resolution] | None]]:
-    """The order the ops and (combined) collectives run in. Yields (op, None) and (None, group).
+    g: Graph,
+    order: list[Op],
+    groups: list[list[_Resolution]],
+    breadth_first: bool,
+    cache: TimelineCache | None = None,
+) -> list[int]:
+    """The order the ops and (combined) collectives run in: an op by its id, group k by -1 - k.
 
     Program order, each collective right after the last op that writes one of its inputs and the
     ops that need its results moved after it, as any scheduler must; or, `breadth_first`, XLA's
     BFScheduler: every node runs as soon as its inputs are ready, first come first served.
     """
+    if cache is None:
+        return _nodes(g, order, groups, breadth_first)
+    key = (id(g), breadth_first, tuple(tuple(r.value for r in members) for members in groups))
+    nodes = cache.schedules.get(key)
+    if nodes is None:
+        nodes = cache.schedules[key] = _nodes(g, order, groups, breadth_first)
+    return nodes
+
+
+def _nodes(g: Graph, order: list[Op], groups: list[list[_Resolution]], breadth_first: bool) -> list[int]:
+    """The schedule as node ids: an op by its id, a collective group k by -1 - k."""
     position = {op.id: i for i, op in enumerate(order)}
     producer = g.producer
     # Nodes: an op by its id, a collective group k by -1 - k. Rank: program order, a collective
@@ -493,24 +639,23 @@ def _schedule(
             heapq.heappush(heap, (rank[n], n))
 
         queue = heap
-    done = 0
+    out = []
     while queue:
         n = pop()
-        done += 1
-        yield (g.ops[n], None) if n >= 0 else (None, groups[-1 - n])
+        out.append(n)
         for u in users[n]:
             pending[u] -= 1
             if not pending[u]:
                 push(u)
-    if done != len(deps):  # only a cycle leaves nodes waiting
+    if len(out) != len(deps):  # only a cycle leaves nodes waiting
         raise RuntimeError("memory: combined collectives that depend on each other; this is a bug.")
+    return out
 
 
 def _collective(
-    g: Graph,
     group: list[_Resolution],
     step: int,
-    out: list[Buffer],
+    out: list[tuple],
     partial: dict[int, int],
     written: dict[int, int],
     size: Callable[[int, Sharding], int],
@@ -519,11 +664,12 @@ def _collective(
     """Appends the buffers of one (combined) collective at the next step; returns the last step."""
     step += 1
     if len(group) > 1:  # a tuple-shaped collective: its table of pointers
-        out.append(Buffer("(combined collective)", -1, compiler.pointer_bytes * len(group), step, step))
+        out.append((_TUPLE, -1, compiler.pointer_bytes * len(group), step, step, None))
     sliced = False
     for r in group:
         vid = r.value
-        out[partial[vid]] = dataclasses.replace(out[partial[vid]], end=step)
+        kind, v, b, start, _, extra = out[partial[vid]]
+        out[partial[vid]] = (kind, v, b, start, step, extra)
         written[vid] = step
         if (
             compiler.reduce_scatter_as_all_reduce
@@ -532,7 +678,7 @@ def _collective(
         ):
             # An all-reduce at the written size, then this device's slice one step on.
             full = size(vid, Sharding(r.produced.dims))
-            out.append(Buffer(f"{g.values[vid].name} [all-reduced]", vid, full, step, step + 1))
+            out.append((_REDUCED, vid, full, step, step + 1, None))
             written[vid] = step + 1
             sliced = True
     return step + sliced
@@ -545,7 +691,7 @@ def _donated_copies(
     alias: dict[int, int],
     op_step: dict[int, int],
     size: Callable[[int, Sharding], int],
-) -> list[Buffer]:
+) -> list[tuple]:
     """The copies copy insertion makes of donated inputs read by an op that does not lead to the
     output overwriting them: live from the first read to the last."""
     g = prop.graph
@@ -587,7 +733,7 @@ def _donated_copies(
         if any(not leads[o] & targets[src] for o in ops):
             steps = [op_step[o] for o in ops]
             b = size(src, prop.shardings[src])
-            out.append(Buffer(f"{g.values[src].name} (copy)", src, b, min(steps), max(steps)))
+            out.append((_DONATED, src, b, min(steps), max(steps), None))
     return out
 
 

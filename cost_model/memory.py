@@ -16,7 +16,18 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 
-from cost_model.liveness import XLA_CPU, XLA_GPU, Buffer, Compiler, compiler_for, local_bytes, peak, timeline
+from cost_model.liveness import (
+    XLA_CPU,
+    XLA_GPU,
+    Buffer,
+    Compiler,
+    TimelineCache,
+    compiler_for,
+    local_bytes,
+    peak,
+    temp_peak,
+    timeline,
+)
 from ir.graph import Role
 from ir.propagate import Propagation
 
@@ -55,7 +66,7 @@ def memory(
     donated: frozenset[int] | None = None,
     *,
     compiler: Compiler = XLA_CPU,
-    body_peaks: dict | None = None,
+    cache: TimelineCache | None = None,
 ) -> MemoryReport:
     """The memory report of a propagated top-level graph.
 
@@ -63,8 +74,33 @@ def memory(
       prop: the propagated step.
       donated: input ids whose buffers outputs may reuse (default: the graph's donated inputs).
       compiler: the backend's combiner and lowering choices; `compiler_for(hardware.name)`.
-      body_peaks: a memo of loop-body peaks to reuse across calls (see `timeline`).
+      cache: memo tables to reuse across calls with one compiler (see `TimelineCache`).
     """
+    args, by_kind, outs, aliased = _footprint(prop, donated, compiler)
+    temp, live_at_peak = peak(timeline(prop, compiler, cache))
+    for name, b in live_at_peak:
+        kind = _kind_of(name)
+        by_kind[kind] = by_kind.get(kind, 0) + b
+    largest = tuple(sorted(live_at_peak, key=lambda t: -t[1])[:10])
+    return MemoryReport(args, outs, aliased, temp, by_kind, largest)
+
+
+def memory_peak(
+    prop: Propagation,
+    donated: frozenset[int] | None = None,
+    *,
+    compiler: Compiler = XLA_CPU,
+    cache: TimelineCache | None = None,
+) -> int:
+    """`memory(...).peak` without the breakdown (what a searcher compares)."""
+    args, _, outs, aliased = _footprint(prop, donated, compiler)
+    return args + outs - aliased + temp_peak(prop, compiler, cache)
+
+
+def _footprint(
+    prop: Propagation, donated: frozenset[int] | None, compiler: Compiler
+) -> tuple[int, dict[str, int], int, int]:
+    """(argument bytes, arguments by kind, output bytes, output bytes aliased onto donated inputs)."""
     g = prop.graph
     mesh = prop.mesh
     donated = g.donated if donated is None else donated
@@ -90,12 +126,7 @@ def memory(
             if local_bytes(sv.shape, sv.itemsize, prop.shardings[src], mesh) == b:
                 aliased += b
                 used_donors.add(src)
-    temp, live_at_peak = peak(timeline(prop, compiler, body_peaks))
-    for name, b in live_at_peak:
-        kind = _kind_of(name)
-        by_kind[kind] = by_kind.get(kind, 0) + b
-    largest = tuple(sorted(live_at_peak, key=lambda t: -t[1])[:10])
-    return MemoryReport(args, outs, aliased, temp, by_kind, largest)
+    return args, by_kind, outs, aliased
 
 
 def _kind_of(name: str) -> str:
@@ -112,9 +143,11 @@ __all__ = [
     "Buffer",
     "Compiler",
     "MemoryReport",
+    "TimelineCache",
     "compiler_for",
     "local_bytes",
     "memory",
+    "memory_peak",
     "peak",
     "timeline",
 ]

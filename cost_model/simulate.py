@@ -20,11 +20,11 @@ from collections.abc import Mapping
 from cost_model.collectives import collective_time
 from cost_model.compute import OpCost, fused_values, op_cost, roofline_time
 from cost_model.hardware import DeviceSpec, Hardware, HardwareError
-from cost_model.memory import MemoryReport, compiler_for, memory
+from cost_model.memory import MemoryReport, TimelineCache, compiler_for, memory, memory_peak
 from cost_model.meshes import MeshTopology, topology
 from ir.comm import Collective, CollectiveKind
 from ir.graph import Graph, Op, Role
-from ir.propagate import Propagation, propagate_plan
+from ir.propagate import SPAN_OPS, Part, Propagation, propagate_plan
 
 
 class Overlap(enum.Enum):
@@ -155,10 +155,11 @@ class Simulator:
         self.compiler = compiler_for(hardware.name)
         self._op_seconds: dict[tuple[int, int, tuple], tuple[OpCost, float, int]] = {}
         self._bodies: dict[int, tuple[Propagation, _Compute]] = {}
+        self._parts: dict[int, tuple[Part, tuple]] = {}
         self._coll: dict[Collective, tuple[float, str]] = {}
         self._fused: dict[int, tuple[Graph, frozenset[int]]] = {}
         self._roles: dict[int, dict[str, Role]] = {}
-        self.body_peaks: dict[int, tuple[Propagation, int]] = {}
+        self.timelines = TimelineCache()
 
     def report(self, prop: Propagation, top_ops: int = 10) -> CostReport:
         """The full CostReport (per-op rows for the `top_ops` costliest ops)."""
@@ -168,8 +169,8 @@ class Simulator:
         """(step seconds, per-device peak bytes): what a searcher compares, without the report."""
         compute = self._compute(prop, 1, None)
         exposed, _, _ = self._comm(prop, compute)
-        mem = memory(prop, compiler=self.compiler, body_peaks=self.body_peaks)
-        return compute.forward + compute.backward + compute.other + exposed, mem.peak
+        peak = memory_peak(prop, compiler=self.compiler, cache=self.timelines)
+        return compute.forward + compute.backward + compute.other + exposed, peak
 
     # -- parts -------------------------------------------------------------------------------------
 
@@ -191,36 +192,64 @@ class Simulator:
 
     def _compute(self, prop: Propagation, mult: int, rows: list | None) -> _Compute:
         """Compute of one execution of `prop` (bodies included); `rows`, when given, collects
-        (graph, op, cost, seconds per step, executions per step) with `prop` run `mult` times."""
+        (graph, op, cost, seconds per step, executions per step) with `prop` run `mult` times.
+
+        Sums run span by span (ir.propagate's spans, whether or not `prop` was made of cached
+        Parts), so a plan costs the same to the last bit however it was propagated."""
         if rows is None:
             hit = self._bodies.get(id(prop))
             if hit is not None and hit[0] is prop:
                 return hit[1]
+        acc = [0.0, 0.0, 0.0, 0.0]  # forward, backward, other seconds; FLOPs
+        if prop.parts and rows is None:
+            parts = self._parts
+            for part in prop.parts:
+                hit = parts.get(id(part))
+                if hit is None or hit[0] is not part:
+                    hit = parts[id(part)] = (
+                        part,
+                        self._span(prop, part.span.start, part.span.stop, 1, None, part),
+                    )
+                c = hit[1]
+                for k in range(4):
+                    acc[k] += c[k]
+        else:
+            for a in range(0, len(prop.graph.ops), SPAN_OPS):
+                c = self._span(prop, a, a + SPAN_OPS, mult, rows, None)
+                for k in range(4):
+                    acc[k] += c[k]
+        out = _Compute(*acc)
+        if rows is None:
+            self._bodies[id(prop)] = (prop, out)
+        return out
+
+    def _span(self, prop: Propagation, start: int, stop: int, mult: int, rows: list | None, part) -> tuple:
+        """(forward, backward, other seconds, FLOPs) of ops [start, stop) of `prop`."""
         g = prop.graph
         acc = [0.0, 0.0, 0.0]
         flops = 0.0
         live = g.live_ops
-        for op in g.ops:
+        bodies = prop.bodies if part is None else dict(part.bodies)
+        decided = prop.ops if part is None else None
+        for op in g.ops[start:stop]:
             if op.id not in live:
                 continue
             if op.rule is None:
                 n = op.trip_count if op.primitive == "scan" else 1
-                for sub in prop.bodies.get(op.id, ()):
+                for sub in bodies.get(op.id, ()):
                     c = self._compute(sub, mult * n, rows)
                     acc[0] += c.forward * n
                     acc[1] += c.backward * n
                     acc[2] += c.other * n
                     flops += c.flops * n
                 continue
-            cost, t, phase = self._op(g, op, prop.ops[op.id].factors)
+            factors = decided[op.id].factors if part is None else part.ops[op.id - start].factors
+            cost, t, phase = self._op(g, op, factors)
             acc[phase] += t
             flops += cost.flops
             if rows is not None:
                 rows.append((g, op, cost, t * mult, mult))
-        out = _Compute(acc[0], acc[1], acc[2], flops)
-        if rows is None:
-            self._bodies[id(prop)] = (prop, out)
-        return out
+        return (acc[0], acc[1], acc[2], flops)
 
     def _comm(self, prop: Propagation, compute: _Compute):
         """(exposed seconds, total seconds, (kind, axes) -> (bytes, seconds))."""
@@ -250,7 +279,7 @@ class Simulator:
         rows: list = []
         compute = self._compute(prop, 1, rows)
         exposed, comm, by_key = self._comm(prop, compute)
-        mem = memory(prop, compiler=self.compiler, body_peaks=self.body_peaks)
+        mem = memory(prop, compiler=self.compiler, cache=self.timelines)
         rows.sort(key=lambda r: -r[3])
         op_rows = tuple(
             OpRow(

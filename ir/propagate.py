@@ -56,6 +56,9 @@ class Propagation:
       bodies: op id -> propagation of each body (scan) or branch (cond).
       live: per value id, whether the value is read or returned (dead values are not constrained).
       outputs: per output position, the sharding the step returns it with.
+      parts: the `Part`s the ops were propagated in, in program order, when a
+        PropagationCache was used (the same object for the same part under the same entry
+        shardings, so costs can be cached per part by identity); () otherwise.
     """
 
     graph: Graph
@@ -66,6 +69,77 @@ class Propagation:
     bodies: Mapping[int, tuple[Propagation, ...]]
     live: tuple[bool, ...]
     outputs: tuple[Sharding, ...]
+    parts: tuple[Part, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Span:
+    """A run of consecutive ops propagated as one unit (see `Part`).
+
+    Attributes:
+      index: its position among the graph's spans.
+      start, stop: op ids [start, stop).
+      reads: values its ops read that are made before it (inputs, constants, earlier results).
+      defs: values its ops make.
+      exported: those of `defs` read after the span or returned.
+    """
+
+    index: int
+    start: int
+    stop: int
+    reads: tuple[int, ...]
+    defs: tuple[int, ...]
+    exported: frozenset[int]
+
+
+@dataclasses.dataclass(frozen=True, slots=True, eq=False)
+class Part:
+    """What propagating one span of ops did, given the shardings of the values it reads.
+
+    Propagation is a pure function of those shardings (and of the sum groups of the pending sums
+    among them), so a span entered alike again is replayed from its Part instead of propagated.
+
+    Attributes:
+      span: the ops.
+      ops: the factor assignment of each op of the span.
+      defs: the sharding of each of the span's values at its end.
+      sum_groups: (value, groups) of the span's values left as pending sums.
+      collectives: every collective the span made, in order.
+      outside: per read of a value made before the span, in order: (index into `collectives`
+        where its collectives start, how many, value, sharding read, the value's sharding once
+        its pending sum is resolved or None). A read another span already made costs nothing.
+      inside_reads: (value, sharding read) of the span's exported values it read itself.
+      bodies: op id -> body propagations of the span's loops and branches.
+    """
+
+    span: _Span
+    ops: tuple[OpSharding | None, ...]
+    defs: tuple[Sharding | None, ...]
+    sum_groups: tuple[tuple[int, tuple], ...]
+    collectives: tuple[Collective, ...]
+    outside: tuple[tuple[int, int, int, Sharding, Sharding | None], ...]
+    inside_reads: tuple[tuple[int, Sharding], ...]
+    bodies: tuple[tuple[int, tuple[Propagation, ...]], ...]
+
+
+# Ops per span: long enough that replaying a span is much cheaper than propagating it, short
+# enough that a change of one input leaves most spans of a step entered as before.
+SPAN_OPS = 16
+
+
+def _spans(graph: Graph) -> tuple[_Span, ...]:
+    n = len(graph.ops)
+    later_reads: set[int] = set(graph.outputs)
+    bounds = [(a, min(a + SPAN_OPS, n)) for a in range(0, n, SPAN_OPS)]
+    out = []
+    for index, (a, b) in reversed(list(enumerate(bounds))):
+        ops = graph.ops[a:b]
+        defs = tuple(v for op in ops for v in op.outputs)
+        mine = set(defs)
+        reads = tuple(dict.fromkeys(v for op in ops for v in op.inputs if v not in mine))
+        out.append(_Span(index, a, b, reads, defs, frozenset(v for v in defs if v in later_reads)))
+        later_reads.update(reads)
+    return tuple(reversed(out))
 
 
 class PropagationCache:
@@ -83,6 +157,9 @@ class PropagationCache:
         self.ops: dict[tuple, tuple] = {}
         self.reads: dict[tuple, tuple[list[Collective], Sharding]] = {}
         self.bodies: dict[tuple, Propagation] = {}
+        self.parts: dict[tuple, Part] = {}
+        self.spans: dict[int, tuple[tuple[_Span, ...], frozenset[int]]] = {}
+        self._live: dict[int, tuple[Graph, tuple[bool, ...]]] = {}
         self._keys: dict[tuple[int, frozenset[int]], int] = {}
         self._alive: list[Graph] = []  # graphs whose ids are in keys
 
@@ -93,8 +170,36 @@ class PropagationCache:
             self._alive.append(graph)
         return self._keys[k]
 
+    def layout(self, graph: Graph, batch: frozenset[int]) -> tuple[tuple[_Span, ...], frozenset[int]]:
+        """The graph's spans, and the values derived from `batch` (both fixed by the graph)."""
+        k = self.graph_key(graph, batch)
+        hit = self.spans.get(k)
+        if hit is None:
+            derived = set(batch)
+            for op in graph.ops:
+                if any(i in derived for i in op.inputs):
+                    derived.update(op.outputs)
+            hit = self.spans[k] = (_spans(graph), frozenset(derived))
+        return hit
+
+    def live(self, graph: Graph) -> tuple[bool, ...]:
+        hit = self._live.get(id(graph))
+        if hit is None or hit[0] is not graph:
+            hit = self._live[id(graph)] = (graph, _live(graph))
+        return hit[1]
+
     def __len__(self) -> int:
-        return len(self.ops) + len(self.reads) + len(self.bodies)
+        return len(self.ops) + len(self.reads) + len(self.bodies) + len(self.parts)
+
+
+def _live(graph: Graph) -> tuple[bool, ...]:
+    live = [False] * len(graph.values)
+    for op in graph.ops:
+        for i in op.inputs:
+            live[i] = True
+    for o in graph.outputs:
+        live[o] = True
+    return tuple(live)
 
 
 def propagate(
@@ -145,9 +250,20 @@ class _Propagator:
         self.sum_groups: dict[int, tuple[tuple[str, ...], ...]] = {}
         if batch_inputs is None:
             batch_inputs = frozenset(i for i in graph.inputs if graph.values[i].role is Role.BATCH)
-        self.batch = set(batch_inputs)
+        batch_inputs = frozenset(batch_inputs)
         self.cache = cache
-        self.gkey = cache.graph_key(graph, frozenset(batch_inputs)) if cache is not None else None
+        self.gkey = cache.graph_key(graph, batch_inputs) if cache is not None else None
+        self.spans: tuple[_Span, ...] = ()
+        self.parts: list[Part] = []
+        self.outside: list | None = None  # while a span is recorded: its reads of earlier values
+        self.before: frozenset[int] | set[int] = frozenset()  # ... and the values that are earlier
+        if cache is not None:
+            self.spans, self.batch = cache.layout(graph, batch_inputs)
+        else:
+            self.batch = set(batch_inputs)
+            for op in graph.ops:
+                if any(i in self.batch for i in op.inputs):
+                    self.batch.update(op.outputs)
 
     # -- driver ----------------------------------------------------------------------------------
 
@@ -158,15 +274,12 @@ class _Propagator:
         for v in g.values:
             if self.cur[v.id] is None and v.id not in g.producer:
                 self.cur[v.id] = Sharding.replicated(v.rank)  # constants
-        for op in g.ops:
-            if any(i in self.batch for i in op.inputs):
-                self.batch.update(op.outputs)
-            if op.primitive == "scan":
-                self._scan(op)
-            elif op.primitive == "cond":
-                self._cond(op)
-            else:
-                self._op(op)
+        if self.spans:
+            for span in self.spans:
+                self._span(span)
+        else:
+            for op in g.ops:
+                self._one(op)
         returned = []
         for k, vid in enumerate(g.outputs):
             want = outputs.get(k)
@@ -175,12 +288,7 @@ class _Propagator:
                 want = Sharding(s.dims) if s.partial else s
             self._read(vid, want)
             returned.append(want)
-        live = [False] * len(g.values)
-        for op in g.ops:
-            for i in op.inputs:
-                live[i] = True
-        for o in g.outputs:
-            live[o] = True
+        live = self.cache.live(g) if self.cache is not None else _live(g)
         shardings = tuple(Sharding(s.dims) if s.partial else s for s in self.cur)
         return Propagation(
             g,
@@ -189,9 +297,79 @@ class _Propagator:
             tuple(self.ops),
             tuple(self.colls),
             self.bodies,
-            tuple(live),
+            live,
             tuple(returned),
+            tuple(self.parts),
         )
+
+    def _one(self, op: Op) -> None:
+        if op.primitive == "scan":
+            self._scan(op)
+        elif op.primitive == "cond":
+            self._cond(op)
+        else:
+            self._op(op)
+
+    # -- spans: runs of ops replayed when entered alike ---------------------------------------------
+
+    def _span(self, span: _Span) -> None:
+        cur = self.cur
+        ins = tuple([cur[v] for v in span.reads])
+        pending = tuple(self.sum_groups.get(v) for v, s in zip(span.reads, ins, strict=True) if s.partial)
+        key = (self.gkey, span.index, ins, pending)
+        part = self.cache.parts.get(key)
+        if part is None:
+            part = self.cache.parts[key] = self._record(span)
+        self._apply(part)
+
+    def _record(self, span: _Span) -> Part:
+        """Propagates the span's ops, collecting what they do as a Part (applied by `_apply`)."""
+        colls, self.colls = self.colls, []
+        self.outside, self.before = [], set(span.reads)
+        inside: list[tuple[int, Sharding]] = []
+        memo, self.memo = self.memo, set()
+        try:
+            for op in self.g.ops[span.start : span.stop]:
+                self._one(op)
+            inside = [r for r in self.memo if r[0] in span.exported]
+            return Part(
+                span,
+                tuple(self.ops[span.start : span.stop]),
+                tuple(self.cur[v] for v in span.defs),
+                tuple((v, self.sum_groups[v]) for v in span.defs if v in self.sum_groups),
+                tuple(self.colls),
+                tuple(self.outside),
+                tuple(inside),
+                tuple((i, self.bodies[i]) for i in range(span.start, span.stop) if i in self.bodies),
+            )
+        finally:
+            self.colls, self.memo = colls, memo
+            self.outside, self.before = None, frozenset()
+
+    def _apply(self, part: Part) -> None:
+        span = part.span
+        self.ops[span.start : span.stop] = part.ops
+        cur = self.cur
+        for v, s in zip(span.defs, part.defs, strict=True):
+            cur[v] = s
+        for v, groups in part.sum_groups:
+            self.sum_groups[v] = groups
+        colls = part.collectives
+        memo = self.memo
+        pos = 0
+        for at, n, vid, want, resolved in part.outside:
+            self.colls.extend(colls[pos:at])
+            pos = at + n
+            if (vid, want) not in memo:
+                memo.add((vid, want))
+                self.colls.extend(colls[at:pos])
+            if resolved is not None:
+                cur[vid] = resolved
+        self.colls.extend(colls[pos:])
+        memo.update(part.inside_reads)
+        for i, subs in part.bodies:
+            self.bodies[i] = subs
+        self.parts.append(part)
 
     # -- one op ----------------------------------------------------------------------------------
 
@@ -242,9 +420,26 @@ class _Propagator:
     def _read(self, vid: int, want: Sharding) -> None:
         """Reshards value `vid` to `want` (counting collectives once per value and target)."""
         have = self.cur[vid]
-        if have == want or (vid, want) in self.memo:
+        if have == want:
+            return
+        if vid in self.before:
+            # A span being recorded reads a value made before it: kept apart, because whether
+            # the read costs anything depends on what ran before the span (see `_apply`).
+            colls, resolved = self._reshard(vid, have, want)
+            self.outside.append((len(self.colls), len(colls), vid, want, resolved if have.partial else None))
+            self.colls.extend(colls)
+            if have.partial:
+                self.cur[vid] = resolved
+            return
+        if (vid, want) in self.memo:
             return
         self.memo.add((vid, want))
+        colls, resolved = self._reshard(vid, have, want)
+        self.colls.extend(colls)
+        if have.partial:
+            self.cur[vid] = resolved
+
+    def _reshard(self, vid: int, have: Sharding, want: Sharding) -> tuple[list[Collective], Sharding]:
         groups = self.sum_groups.get(vid)
         key = (self.gkey, vid, have, want, groups) if self.cache is not None else None
         hit = self.cache.reads.get(key) if key is not None else None
@@ -252,10 +447,7 @@ class _Propagator:
             hit = reshard(self.g.values[vid], have, want, self.mesh, groups)
             if key is not None:
                 self.cache.reads[key] = hit
-        colls, resolved = hit
-        self.colls.extend(colls)
-        if have.partial:
-            self.cur[vid] = resolved
+        return hit
 
     # -- structure -------------------------------------------------------------------------------
 

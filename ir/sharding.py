@@ -103,6 +103,8 @@ class MeshShape:
             ) from None
 
     def axes_size(self, axes: Iterable[str]) -> int:
+        if not axes:
+            return 1
         return math.prod(self.axis_size(a) for a in axes)
 
     def __str__(self) -> str:
@@ -134,6 +136,17 @@ class Sharding:
 
     dims: tuple[DimSharding, ...]
     partial: frozenset[str] = frozenset()
+    # Shardings key every propagation and simulator cache: the hash is computed once.
+    _hash: int = dataclasses.field(init=False, repr=False, compare=False, default=0)
+
+    def __post_init__(self):
+        object.__setattr__(self, "_hash", hash((self.dims, self.partial)))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __reduce__(self):  # string hashes differ between processes: rebuild, never copy, the hash
+        return (Sharding, (self.dims, self.partial))
 
     @classmethod
     def replicated(cls, rank: int) -> Sharding:
