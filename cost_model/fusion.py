@@ -4,7 +4,8 @@ A value is computed inside the fusions that read it, never written, when its op 
 and every reader fuses it: a fusible op, or a reduction the backend fuses. A reduction that goes
 to a library (XLA:CPU's YNNPACK rewriter takes reductions of at least a few thousand elements)
 takes in only the elementwise producers no one else reads; a value it shares with other readers
-is written. An expensive value (exp, tanh, div, ...) read more than once is written once rather
+is written, unless the library reads a local slice of it: then the slice is fused into the
+value's producer and written, and the value itself is recomputed by its other readers. An expensive value (exp, tanh, div, ...) read more than once is written once rather
 than recomputed in each reader (XLA's InstructionFusion will not duplicate it). A bool mask
 converted to a float and multiplied in is a select (XLA's algebraic simplifier). An annotation
 or a bitcast reshape shares its operand's buffer.
@@ -49,8 +50,9 @@ GENERATED = frozenset(("broadcast_in_dim", "iota"))
 
 def fused_and_aliased(
     prop: Propagation, library_reduce_elements: int = 0, memo: dict | None = None
-) -> tuple[frozenset[int], dict[int, int]]:
-    """(values no buffer holds, value -> the value whose buffer it holds).
+) -> tuple[frozenset[int], dict[int, int], frozenset[int]]:
+    """(values no buffer holds, value -> the value whose buffer it holds, ops in a library
+    reduction).
 
     Args:
       prop: a propagated graph (local sizes decide which reductions go to a library).
@@ -60,9 +62,10 @@ def fused_and_aliased(
 
     A value is computed inside the fusions that read it, never written, when its op is loop-
     fusible and every reader fuses it: a fusible op, or a reduction the backend fuses (one that
-    goes to a library takes in only producers no one else reads). An expensive value (exp, tanh,
-    div, ...) read more than once is written once rather than recomputed in each reader. An
-    annotation or bitcast reshape shares its operand's buffer.
+    goes to a library takes in only producers no one else reads, or a local slice of the value,
+    which the value's producer writes for it: cost_model.liveness makes that slice a buffer). An
+    expensive value (exp, tanh, div, ...) read more than once is written once rather than
+    recomputed in each reader. An annotation or bitcast reshape shares its operand's buffer.
     """
     g = prop.graph
     mesh = prop.mesh
@@ -103,13 +106,25 @@ def fused_and_aliased(
         src, vid = op.inputs[0], op.outputs[0]
         if decided.operands[0] == shardings[src] and elements(src) == elements(vid):
             alias[vid] = alias.get(src, src)
+    # Library ops that read a value as a local slice of it (XLA fuses the slice into the
+    # value's producer and writes the slice the library reads, not the value).
+    slices: set[tuple[int, int]] = set()
+    for r in library:
+        decided = prop.ops[r]
+        if decided is None:
+            continue
+        for vid, want in zip(g.ops[r].inputs, decided.operands, strict=True):
+            have = shardings[vid].dims
+            if want.dims != have and all(w[: len(h)] == h for w, h in zip(want.dims, have, strict=True)):
+                slices.add((r, vid))
+    library = frozenset(library)
     if memo is None:
-        return _fused(g, alias, library), alias
-    key = (id(g), frozenset(alias.items()), frozenset(library))
+        return _fused(g, alias, library, slices), alias, library
+    key = (id(g), frozenset(alias.items()), library, frozenset(slices))
     hit = memo.get(key)
     if hit is None or hit[0] is not g:
-        hit = memo[key] = (g, _fused(g, alias, library))
-    return hit[1], alias
+        hit = memo[key] = (g, _fused(g, alias, library, slices))
+    return hit[1], alias, library
 
 
 def _alias_ops(g) -> list:
@@ -126,7 +141,7 @@ def _alias_ops(g) -> list:
     return out
 
 
-def _fused(g, alias: dict[int, int], library: set[int]) -> frozenset[int]:
+def _fused(g, alias: dict[int, int], library: frozenset[int], slices: set[tuple[int, int]]) -> frozenset[int]:
     readers = g.consumers
     ops = g.ops
     # The readers of a buffer: those of its value and of every value aliasing it.
@@ -152,7 +167,8 @@ def _fused(g, alias: dict[int, int], library: set[int]) -> frozenset[int]:
         elif len(rs) > 1 and op.primitive in _EXPENSIVE:
             continue
         elif all(
-            (ops[r].primitive in _LOOP_FUSIBLE or ops[r].primitive in _REDUCTIONS) and r not in library
+            (ops[r].primitive in _LOOP_FUSIBLE or ops[r].primitive in _REDUCTIONS)
+            and (r not in library or (r, vid) in slices)
             for r in rs
         ):
             fused.add(vid)

@@ -26,87 +26,25 @@ for it.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
-import heapq
 import itertools
-import math
 from collections.abc import Callable, Sequence
 
+from cost_model.compiler import (
+    XLA_CPU,
+    Compiler,
+    Resolution,
+    combine,
+    local_bytes,
+    resolutions_of,
+    schedule,
+)
 from cost_model.fusion import GENERATED, fused_and_aliased
 from ir.comm import CollectiveKind
 from ir.graph import Graph, Op
-from ir.propagate import Propagation, reshard
-from ir.rules import FactorKind
-from ir.sharding import MeshShape, Sharding
-
-_SUMS = (CollectiveKind.ALL_REDUCE, CollectiveKind.REDUCE_SCATTER)
-_UNLIMITED = 2**63 - 1
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Compiler:
-    """What the backend compiler does to the sharded program that changes its memory.
-
-    Attributes:
-      name: the backend.
-      all_reduce_combine_bytes: XLA's all-reduce combiner merges independent all-reduces of the
-        same mesh axes and dtype into one tuple all-reduce of at most this many bytes (0: none).
-      reduce_scatter_combine_bytes: the same for reduce-scatters.
-      combine_count: the most collectives one combined collective holds.
-      reduce_scatter_as_all_reduce: a reduce-scatter is lowered as a full all-reduce and a local
-        slice (XLA:CPU), so its full-size result is live for a moment and it combines as an
-        all-reduce.
-      pointer_bytes: a tuple buffer (the step's outputs, a combined collective's results) is a
-        table of one pointer per element.
-      copies_donated_inputs: copy insertion runs before scheduling (XLA:CPU), so a donated input
-        that an op off the path to its overwriting output also reads is first copied: nothing
-        orders that read before the overwrite. (XLA:GPU elides copies again after scheduling.)
-      breadth_first: the scheduler runs every op as soon as its inputs are ready, first come first
-        served (XLA:CPU's BFScheduler, xla_cpu_enable_concurrency_optimized_scheduler); else ops
-        run in program order, a stand-in for a memory-aware list scheduler.
-      library_reduce_elements: reductions of at least this many local elements go to a library
-        (XLA:CPU's YNNPACK rewriter; 0: none), which takes in the elementwise producers only it
-        reads, while a value it shares with other readers must be written to memory.
-    """
-
-    name: str
-    all_reduce_combine_bytes: int
-    reduce_scatter_combine_bytes: int
-    combine_count: int = 256
-    reduce_scatter_as_all_reduce: bool = False
-    pointer_bytes: int = 8
-    copies_donated_inputs: bool = False
-    breadth_first: bool = False
-    library_reduce_elements: int = 0
-
-
-# xla/service/cpu/cpu_compiler.cc: CpuAllReduceCombiner(kCombineBytes = int64 max, kCombineCount =
-# 256); no reduce-scatter or all-gather combiner; reduce-scatter stays an all-reduce and a
-# dynamic-slice (docs/../JAX-NOTES: "The CPU backend keeps gradient synchronisation as all-reduce +
-# dynamic-slice").
-XLA_CPU = Compiler(
-    "xla-cpu",
-    all_reduce_combine_bytes=_UNLIMITED,
-    reduce_scatter_combine_bytes=0,
-    reduce_scatter_as_all_reduce=True,
-    copies_donated_inputs=True,
-    breadth_first=True,
-    library_reduce_elements=4096,  # xla/backends/cpu: YNNPACK's preferred reduce size
-)
-# xla/debug_options_flags.cc: xla_gpu_all_reduce_combine_threshold_bytes and
-# xla_gpu_reduce_scatter_combine_threshold_bytes default to 30 MiB, 256 ops per combined op.
-XLA_GPU = Compiler(
-    "xla-gpu",
-    all_reduce_combine_bytes=30 * 2**20,
-    reduce_scatter_combine_bytes=30 * 2**20,
-)
-
-
-def compiler_for(hardware_name: str) -> Compiler:
-    """The compiler model of a hardware preset: XLA:CPU for 'cpu', XLA:GPU otherwise (GPUs, and
-    TPUs, whose combiner thresholds are of the same order)."""
-    return XLA_CPU if hardware_name == "cpu" else XLA_GPU
+from ir.propagate import Propagation
+from ir.reshard import reshard
+from ir.sharding import Sharding
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -130,13 +68,6 @@ class Buffer:
     end: int
 
 
-def local_bytes(shape: Sequence[int], itemsize: int, sharding: Sharding, mesh: MeshShape) -> int:
-    """Bytes of one device's shard of a tensor of `shape` laid out as `sharding`."""
-    return itemsize * math.prod(
-        n // mesh.axes_size(axes) for n, axes in zip(shape, sharding.dims, strict=True)
-    )
-
-
 def peak(buffers: Sequence[Buffer]) -> tuple[int, list[tuple[str, int]]]:
     """The most bytes live at one step, and the buffers live then (name, bytes)."""
     delta: dict[int, int] = {}
@@ -152,135 +83,6 @@ def peak(buffers: Sequence[Buffer]) -> tuple[int, list[tuple[str, int]]]:
 
 
 # --------------------------------------------------------------------------------- the timeline
-
-
-@dataclasses.dataclass(slots=True)
-class _Resolution:
-    """How a value is turned from the layout its op writes into the layout it is stored in."""
-
-    value: int
-    produced: Sharding
-    collectives: tuple  # the Collectives, in order
-    key: tuple | None  # combiner key (kind, axes, dtype) when the first collective can combine
-    bytes: int  # bytes of the combinable collective
-
-
-def _produced(prop: Propagation, op: Op, k: int) -> Sharding:
-    """The layout op writes its k-th result in: its factors' axes, and a pending sum over the
-    axes of its sharded reduction factors."""
-    vid = op.outputs[k]
-    decided = prop.ops[op.id]
-    if decided is None or op.rule is None:
-        return prop.shardings[vid]
-    f = decided.factors
-    dims = tuple(tuple(a for x in fs for a in f[x]) for fs in op.rule.results[k])
-    partial = frozenset(a for x in op.rule.factors_of(FactorKind.REDUCTION) for a in f[x])
-    return Sharding(dims, partial)
-
-
-def _sum_groups(prop: Propagation, op: Op) -> tuple[tuple[str, ...], ...]:
-    f = prop.ops[op.id].factors
-    return tuple(f[x] for x in reversed(op.rule.factors_of(FactorKind.REDUCTION)) if f[x])
-
-
-def _resolutions(prop: Propagation, op: Op, compiler: Compiler) -> tuple[_Resolution, ...]:
-    """The resolutions of an op's results that are not stored as written."""
-    found = (_resolution(prop, op, k, compiler) for k in range(len(op.outputs)))
-    return tuple(r for r in found if r is not None)
-
-
-def _resolution(prop: Propagation, op: Op, k: int, compiler: Compiler) -> _Resolution | None:
-    vid = op.outputs[k]
-    v = prop.graph.values[vid]
-    produced = _produced(prop, op, k)
-    stored = prop.shardings[vid]
-    if produced == stored:
-        return None
-    groups = _sum_groups(prop, op) if produced.partial else None
-    colls, _ = reshard(v, produced, Sharding(stored.dims), prop.mesh, groups)
-    colls = tuple(colls)
-    key = None
-    nbytes = 0
-    if colls and colls[0].kind in _SUMS:
-        kind = colls[0].kind
-        axes = colls[0].axes
-        if compiler.reduce_scatter_as_all_reduce and kind is CollectiveKind.REDUCE_SCATTER:
-            # One all-reduce over every pending axis, then this device's slice.
-            kind = CollectiveKind.ALL_REDUCE
-            axes = tuple(a for a in prop.mesh.axes if a in produced.partial)
-        key = (kind, axes, v.dtype)
-        nbytes = local_bytes(v.shape, v.itemsize, Sharding(produced.dims), prop.mesh)
-        if kind is CollectiveKind.REDUCE_SCATTER:
-            nbytes = local_bytes(v.shape, v.itemsize, stored, prop.mesh)
-    return _Resolution(vid, produced, colls, key, nbytes)
-
-
-def _combine(g: Graph, order: list[Op], cands: list[_Resolution], compiler: Compiler) -> list[list[int]]:
-    """Groups of candidate indices XLA's combiner merges (xla/service/collective_combiner_utils.h,
-    CombineInstructionsByKey): in program order, the first remaining candidate opens a group of
-    its key; later candidates of that key join while the bytes stay under the threshold, until
-    one depends on a member (the group closes). Repeat until every candidate is placed. A merged
-    group makes everything that read one member's result depend on every member's input."""
-    if not cands:
-        return []
-    index_of = {c.value: i for i, c in enumerate(cands)}
-    producer = g.producer
-    limit = {
-        CollectiveKind.ALL_REDUCE: compiler.all_reduce_combine_bytes,
-        CollectiveKind.REDUCE_SCATTER: compiler.reduce_scatter_combine_bytes,
-    }
-    # anc[c]: the candidates (a bitset) whose reduced results candidate c's input depends on.
-    after: dict[int, int] = {}  # value id -> what its readers inherit
-    at_op: dict[int, int] = {}
-    for op in order:
-        bits = 0
-        for u in op.inputs:
-            bits |= after.get(u, 0)
-        at_op[op.id] = bits
-        for u in op.outputs:
-            c = index_of.get(u)
-            after[u] = bits if c is None else bits | 1 << c
-    anc = [at_op[producer[c.value]] for c in cands]
-
-    remaining = list(range(len(cands)))
-    groups: list[list[int]] = []
-    while remaining:
-        chosen: list[int] = []
-        key = None
-        total = 0
-        for c in list(remaining):
-            if not chosen:
-                key = cands[c].key
-            if cands[c].key != key:
-                continue
-            cap = limit[key[0]]
-            if cands[c].bytes > cap:
-                remaining.remove(c)
-                groups.append([c])
-                continue
-            if total + cands[c].bytes > cap:
-                break
-            # Dependent either way (a merged group can make an earlier op wait on a later one).
-            if any(anc[c] >> m & 1 or anc[m] >> c & 1 for m in chosen):
-                break
-            chosen.append(c)
-            total += cands[c].bytes
-            remaining.remove(c)
-            if len(chosen) >= compiler.combine_count:
-                break
-        if chosen:
-            groups.append(chosen)
-        if len(chosen) > 1:
-            # Whoever depended on one member now depends on every member's inputs. The sets stay
-            # transitively closed, so one sweep suffices.
-            bits = mask = 0
-            for m in chosen:
-                bits |= 1 << m
-                mask |= anc[m] | 1 << m
-            for c in range(len(cands)):
-                if anc[c] & bits:
-                    anc[c] |= mask
-    return groups
 
 
 class TimelineCache:
@@ -365,19 +167,19 @@ def _buffers(prop: Propagation, compiler: Compiler, cache: TimelineCache | None)
     g = prop.graph
     mesh = prop.mesh
     if cache is None:
-        fused, alias = fused_and_aliased(prop, compiler.library_reduce_elements)
+        fused, alias, library = fused_and_aliased(prop, compiler.library_reduce_elements)
         order = [op for op in g.ops if op.id in g.live_ops]
         scans = [op for op in g.ops if op.primitive == "scan"]
         memo: dict[int, frozenset[int]] = {}
         sizes: dict[tuple, int] = {}
     else:
-        fused, alias = fused_and_aliased(prop, compiler.library_reduce_elements, cache.fusion)
+        fused, alias, library = fused_and_aliased(prop, compiler.library_reduce_elements, cache.fusion)
         order, scans = cache.graph(g)
         memo = cache.fusion.setdefault(("sources", id(g), id(fused)), {})
         sizes = cache.sizes
     pinned = {alias.get(v, v) for v in (*g.inputs, *g.outputs)}
 
-    resolutions: dict[int, _Resolution] = {}
+    resolutions: dict[int, Resolution] = {}
     shardings = prop.shardings
     gid = id(g)
     for op in order:
@@ -385,7 +187,7 @@ def _buffers(prop: Propagation, compiler: Compiler, cache: TimelineCache | None)
         if decided is None or op.rule is None:
             continue  # a loop or branch writes its results as its body leaves them
         if cache is None:
-            found = _resolutions(prop, op, compiler)
+            found = resolutions_of(prop, op, compiler)
         else:
             # Decisions are shared objects (a PropagationCache hands the same one out again):
             # keyed by identity, kept alive by the entry.
@@ -398,18 +200,18 @@ def _buffers(prop: Propagation, compiler: Compiler, cache: TimelineCache | None)
             )
             hit = cache.resolutions.get(key)
             if hit is None or hit[0] is not decided:
-                hit = cache.resolutions[key] = (decided, _resolutions(prop, op, compiler))
+                hit = cache.resolutions[key] = (decided, resolutions_of(prop, op, compiler))
             found = hit[1]
         for r in found:
             resolutions[r.value] = r
     cands = [r for r in resolutions.values() if r.key is not None]
     if cache is None or not cands:
-        combined = _combine(g, order, cands, compiler)
+        combined = combine(g, order, cands, compiler)
     else:
         key = (id(g), tuple((c.value, c.key, c.bytes) for c in cands))
         combined = cache.combined.get(key)
         if combined is None:
-            combined = cache.combined[key] = _combine(g, order, cands, compiler)
+            combined = cache.combined[key] = combine(g, order, cands, compiler)
     groups = [[cands[m] for m in members] for members in combined]
     groups += [[r] for r in resolutions.values() if r.key is None]
 
@@ -441,7 +243,7 @@ def _buffers(prop: Propagation, compiler: Compiler, cache: TimelineCache | None)
     breadth_first = compiler.breadth_first
     producer = g.producer
     ops = g.ops
-    for n in _schedule(g, order, groups, breadth_first, cache):
+    for n in schedule(g, order, groups, breadth_first, cache.schedules if cache is not None else None):
         if n < 0:
             step = _collective(groups[-1 - n], step, out, partial, written, size, compiler)
             continue
@@ -465,6 +267,11 @@ def _buffers(prop: Propagation, compiler: Compiler, cache: TimelineCache | None)
                             reshard(g.values[vid], shardings[vid], Sharding(want.dims), mesh)[0]
                         )
                 if not colls and vid in fused:
+                    if op.id in library:
+                        # A library reads the slice: the value's producer writes it (see fusion).
+                        copies[key] = [size(vid, want), written[vid], written[vid]]
+                        targets.append(key)
+                        continue
                     targets.append(None)  # a local slice of a fused value fuses too
                     continue
                 if not colls and vid in producer and g.ops[producer[vid]].primitive in GENERATED:
@@ -578,82 +385,8 @@ def _slices(prop: Propagation, op: Op, sub: Propagation) -> list[tuple[int, int]
     return out
 
 
-def _schedule(
-    g: Graph,
-    order: list[Op],
-    groups: list[list[_Resolution]],
-    breadth_first: bool,
-    cache: TimelineCache | None = None,
-) -> list[int]:
-    """The order the ops and (combined) collectives run in: an op by its id, group k by -1 - k.
-
-    Program order, each collective right after the last op that writes one of its inputs and the
-    ops that need its results moved after it, as any scheduler must; or, `breadth_first`, XLA's
-    BFScheduler: every node runs as soon as its inputs are ready, first come first served.
-    """
-    if cache is None:
-        return _nodes(g, order, groups, breadth_first)
-    key = (id(g), breadth_first, tuple(tuple(r.value for r in members) for members in groups))
-    nodes = cache.schedules.get(key)
-    if nodes is None:
-        nodes = cache.schedules[key] = _nodes(g, order, groups, breadth_first)
-    return nodes
-
-
-def _nodes(g: Graph, order: list[Op], groups: list[list[_Resolution]], breadth_first: bool) -> list[int]:
-    """The schedule as node ids: an op by its id, a collective group k by -1 - k."""
-    position = {op.id: i for i, op in enumerate(order)}
-    producer = g.producer
-    # Nodes: an op by its id, a collective group k by -1 - k. Rank: program order, a collective
-    # just after the last op that writes one of its inputs.
-    group_of = {r.value: -1 - k for k, members in enumerate(groups) for r in members}
-    rank = {op.id: 2 * position[op.id] for op in order}
-    deps: dict[int, set[int]] = {}
-    for k, members in enumerate(groups):
-        deps[-1 - k] = {producer[r.value] for r in members}
-        rank[-1 - k] = 2 * max(position[producer[r.value]] for r in members) + 1
-    for op in order:
-        deps[op.id] = {
-            group_of[u] if u in group_of else producer[u]
-            for u in op.inputs
-            if u in group_of or (u in producer and producer[u] in position)
-        }
-    users: dict[int, list[int]] = {n: [] for n in deps}
-    for n, ds in deps.items():
-        for d in ds:
-            users[d].append(n)
-    for n in users:
-        users[n].sort(key=rank.__getitem__)
-    pending = {n: len(ds) for n, ds in deps.items()}
-    ready = sorted((n for n, c in pending.items() if not c), key=rank.__getitem__)
-    if breadth_first:
-        queue = collections.deque(ready)
-        pop, push = queue.popleft, queue.append
-    else:  # the ready node earliest in program order
-        heap = [(rank[n], n) for n in ready]
-
-        def pop():
-            return heapq.heappop(heap)[1]
-
-        def push(n):
-            heapq.heappush(heap, (rank[n], n))
-
-        queue = heap
-    out = []
-    while queue:
-        n = pop()
-        out.append(n)
-        for u in users[n]:
-            pending[u] -= 1
-            if not pending[u]:
-                push(u)
-    if len(out) != len(deps):  # only a cycle leaves nodes waiting
-        raise RuntimeError("memory: combined collectives that depend on each other; this is a bug.")
-    return out
-
-
 def _collective(
-    group: list[_Resolution],
+    group: list[Resolution],
     step: int,
     out: list[tuple],
     partial: dict[int, int],
@@ -687,7 +420,7 @@ def _collective(
 def _donated_copies(
     prop: Propagation,
     order: list[Op],
-    groups: list[list[_Resolution]],
+    groups: list[list[Resolution]],
     alias: dict[int, int],
     op_step: dict[int, int],
     size: Callable[[int, Sharding], int],

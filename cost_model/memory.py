@@ -16,18 +16,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 
-from cost_model.liveness import (
-    XLA_CPU,
-    XLA_GPU,
-    Buffer,
-    Compiler,
-    TimelineCache,
-    compiler_for,
-    local_bytes,
-    peak,
-    temp_peak,
-    timeline,
-)
+from cost_model.compiler import XLA_CPU, XLA_GPU, Compiler, compiler_for, local_bytes
+from cost_model.liveness import Buffer, TimelineCache, peak, temp_peak, timeline
 from ir.graph import Role
 from ir.propagate import Propagation
 

@@ -25,7 +25,8 @@ from typing import Any
 from cost_model.compute import CUMULATIVE, REDUCTIONS, TRANSCENDENTAL, cumulative_flops, op_flops
 from ir.comm import CollectiveKind
 from ir.graph import Graph, Op, Role, _itemsize
-from ir.propagate import Propagation, reshard
+from ir.propagate import Propagation
+from ir.reshard import reshard
 from ir.rules import ELEMENTWISE, FactorKind
 from ir.sharding import Sharding
 

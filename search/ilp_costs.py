@@ -17,7 +17,7 @@ from cost_model.meshes import MeshTopology
 from cost_model.simulate import device_rate
 from ir.comm import CollectiveKind
 from ir.graph import Graph, Op, Role, Value
-from ir.propagate import reshard
+from ir.reshard import reshard
 from ir.sharding import MeshShape, Sharding
 from search.ilp_factors import Factors, Groups
 from search.ilp_nodes import N_PARTS, Interner, Part, Source

@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 
-from ir.propagate import assign_factors, make_contiguous, result_shardings
+from ir.factors import assign_factors, make_contiguous, result_shardings
 from ir.rules import FactorKind, OpRule
 from ir.sharding import MeshShape, Sharding
 

@@ -31,9 +31,9 @@ import numpy as np
 
 from cost_model.compute import fused_values
 from cost_model.meshes import MeshTopology
+from ir.factors import tensor_dims
 from ir.graph import Graph, Op, Role, Value
 from ir.plan import name_pattern
-from ir.propagate import tensor_dims
 from ir.rules import OpRule
 from ir.sharding import Sharding
 from search.ilp_costs import Prices

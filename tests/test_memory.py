@@ -167,3 +167,20 @@ def test_compiler_presets():
     assert compiler_for("h100") is XLA_GPU
     assert XLA_CPU.reduce_scatter_as_all_reduce and not XLA_GPU.reduce_scatter_as_all_reduce
     assert XLA_GPU.all_reduce_combine_bytes == 30 * 2**20
+
+
+def test_a_library_reduction_reading_a_slice_gets_the_slice_written():
+    # v = a * 2 is read whole by a fusible add and as a local slice (beside the batch-sharded b)
+    # by a reduction big enough for XLA:CPU's library: the slice fuses into v's producer and is
+    # written (64 x 1024 / 4 floats); v itself is recomputed in the add's fusion, never written.
+    # XLA's memory_analysis() for this program on 4 CPU devices: temp 65,540 bytes.
+    def f(a, b):
+        v = a * 2.0
+        return (v * b).sum(), v + 1.0
+
+    args = tuple(jax.ShapeDtypeStruct((64, 1024), jnp.float32) for _ in range(2))
+    g = trace(Workload(f, args, arg_names=("params", "batch")))
+    prop = propagate(g, FOUR, {g.inputs[1]: Sharding((("data",), ()))})
+    r = memory(prop, compiler=XLA_CPU)
+    assert r.temp == 64 * 1024 * F32 // 4
+    assert [name for name, _ in r.largest] == ["%3 -> [data, -]"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -9,7 +11,8 @@ from jax.ad_checkpoint import checkpoint_name
 
 from ir.comm import CollectiveKind as K
 from ir.graph import Value
-from ir.propagate import propagate, reshard
+from ir.propagate import propagate
+from ir.reshard import reshard
 from ir.sharding import MeshShape, Sharding
 from ir.trace import trace
 from ir.workload import Workload
@@ -163,3 +166,14 @@ def test_reshard_table(have, want, expect):
     v = Value(0, "t", (8, 16), "float32", None)
     colls, _ = reshard(v, have, want, MESH)
     assert [(c.kind, c.axes, c.bytes) for c in colls] == expect
+
+
+def test_sharding_hash_survives_pickling_and_copies():
+    # Shardings cache their hash; a pickled one (Ray workers, Optuna journals) rebuilds it.
+    import copy
+    import pickle
+
+    s = S("data", None, partial=("model",))
+    for t in (pickle.loads(pickle.dumps(s)), copy.deepcopy(s), dataclasses.replace(s)):
+        assert t == s and hash(t) == hash(s) and {s: 1}[t] == 1
+    assert hash(dataclasses.replace(s, partial=frozenset())) == hash(S("data", None))

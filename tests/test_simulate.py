@@ -94,3 +94,49 @@ def test_a_plan_that_does_not_fit_is_reported_with_its_breakdown():
     assert r.memory.arguments == 2 * 8192 * 8192 * 4
     assert r.memory.by_kind["batch"] + r.memory.by_kind["params"] == r.memory.arguments
     assert r.memory.largest  # what is live at the peak is named
+
+
+def _flat(prop):
+    out = [prop.shardings, prop.ops, prop.collectives, prop.live, prop.outputs]
+    for k in sorted(prop.bodies):
+        out.append((k, [_flat(b) for b in prop.bodies[k]]))
+    return out
+
+
+@pytest.mark.parametrize("source", ["builtin:gpt:tiny", "builtin:llama:tiny:scan", "builtin:moe:tiny"])
+@pytest.mark.parametrize("hardware", ["h100", "cpu"])
+def test_cached_evaluation_is_exactly_a_fresh_one(source, hardware):
+    # A searcher's evaluations replay cached spans of propagation and memoised timeline pieces;
+    # every plan must come out as a fresh propagation and a fresh simulator price it, to the bit.
+    import random
+
+    from auto_partition.workloads import resolve
+    from cost_model.hardware import load_hardware
+    from cost_model.meshes import topology
+    from cost_model.simulate import Simulator
+    from ir.propagate import propagate
+    from search.evaluate import Evaluator, clear_shared
+    from search.problem import SearchProblem
+    from search.space import build_space
+
+    g = trace(resolve(source))
+    mesh = MeshShape(("data", "model", "pipe"), (2, 2, 2))
+    hw = load_hardware(hardware)
+    space = build_space(g, mesh)
+    clear_shared()
+    ev = Evaluator(SearchProblem(g, mesh, hw), space)
+    topo = topology(hw, mesh, None)
+    valid = list(space.enumerate())
+    rng = random.Random(0)
+    for a in rng.sample(valid, min(25, len(valid))):
+        cached = ev.propagation(a)
+        inputs = space.shardings(a)
+        for pid, opts in ev._shared.opt_for_param.items():
+            for o in opts if pid in inputs else ():
+                inputs[o] = inputs[pid]
+        outputs = {k: inputs[x] for k, x in enumerate(g.output_alias) if x >= 0 and x in inputs}
+        fresh = propagate(g, mesh, inputs, outputs=outputs)
+        assert _flat(cached) == _flat(fresh)
+        report = Simulator(hw, topo).report(fresh)
+        assert ev.simulator.step_time_and_peak(cached) == (report.step_time, report.memory.peak)
+    clear_shared()

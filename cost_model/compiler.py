@@ -1,0 +1,298 @@
+"""What the backend compiler does to a sharded program that decides its memory: how pending sums
+are resolved, which collectives it combines, and the order it schedules ops and collectives in.
+
+cost_model.liveness builds the timeline of buffers on these decisions.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import heapq
+import math
+from collections.abc import Sequence
+
+from ir.comm import CollectiveKind
+from ir.graph import Graph, Op
+from ir.propagate import Propagation
+from ir.reshard import reshard
+from ir.rules import FactorKind
+from ir.sharding import MeshShape, Sharding
+
+_SUMS = (CollectiveKind.ALL_REDUCE, CollectiveKind.REDUCE_SCATTER)
+_UNLIMITED = 2**63 - 1
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Compiler:
+    """What the backend compiler does to the sharded program that changes its memory.
+
+    Attributes:
+      name: the backend.
+      all_reduce_combine_bytes: XLA's all-reduce combiner merges independent all-reduces of the
+        same mesh axes and dtype into one tuple all-reduce of at most this many bytes (0: none).
+      reduce_scatter_combine_bytes: the same for reduce-scatters.
+      combine_count: the most collectives one combined collective holds.
+      reduce_scatter_as_all_reduce: a reduce-scatter is lowered as a full all-reduce and a local
+        slice (XLA:CPU), so its full-size result is live for a moment and it combines as an
+        all-reduce.
+      pointer_bytes: a tuple buffer (the step's outputs, a combined collective's results) is a
+        table of one pointer per element.
+      copies_donated_inputs: copy insertion runs before scheduling (XLA:CPU), so a donated input
+        that an op off the path to its overwriting output also reads is first copied: nothing
+        orders that read before the overwrite. (XLA:GPU elides copies again after scheduling.)
+      breadth_first: the scheduler runs every op as soon as its inputs are ready, first come first
+        served (XLA:CPU's BFScheduler, xla_cpu_enable_concurrency_optimized_scheduler); else ops
+        run in program order, a stand-in for a memory-aware list scheduler.
+      library_reduce_elements: reductions of at least this many local elements go to a library
+        (XLA:CPU's YNNPACK rewriter; 0: none), which takes in the elementwise producers only it
+        reads, while a value it shares with other readers must be written to memory.
+    """
+
+    name: str
+    all_reduce_combine_bytes: int
+    reduce_scatter_combine_bytes: int
+    combine_count: int = 256
+    reduce_scatter_as_all_reduce: bool = False
+    pointer_bytes: int = 8
+    copies_donated_inputs: bool = False
+    breadth_first: bool = False
+    library_reduce_elements: int = 0
+
+
+# xla/service/cpu/cpu_compiler.cc: CpuAllReduceCombiner(kCombineBytes = int64 max, kCombineCount =
+# 256); no reduce-scatter or all-gather combiner; reduce-scatter stays an all-reduce and a
+# dynamic-slice (docs/../JAX-NOTES: "The CPU backend keeps gradient synchronisation as all-reduce +
+# dynamic-slice").
+XLA_CPU = Compiler(
+    "xla-cpu",
+    all_reduce_combine_bytes=_UNLIMITED,
+    reduce_scatter_combine_bytes=0,
+    reduce_scatter_as_all_reduce=True,
+    copies_donated_inputs=True,
+    breadth_first=True,
+    library_reduce_elements=4096,  # xla/backends/cpu: YNNPACK's preferred reduce size
+)
+# xla/debug_options_flags.cc: xla_gpu_all_reduce_combine_threshold_bytes and
+# xla_gpu_reduce_scatter_combine_threshold_bytes default to 30 MiB, 256 ops per combined op.
+XLA_GPU = Compiler(
+    "xla-gpu",
+    all_reduce_combine_bytes=30 * 2**20,
+    reduce_scatter_combine_bytes=30 * 2**20,
+)
+
+
+def compiler_for(hardware_name: str) -> Compiler:
+    """The compiler model of a hardware preset: XLA:CPU for 'cpu', XLA:GPU otherwise (GPUs, and
+    TPUs, whose combiner thresholds are of the same order)."""
+    return XLA_CPU if hardware_name == "cpu" else XLA_GPU
+
+
+def local_bytes(shape: Sequence[int], itemsize: int, sharding: Sharding, mesh: MeshShape) -> int:
+    """Bytes of one device's shard of a tensor of `shape` laid out as `sharding`."""
+    return itemsize * math.prod(
+        n // mesh.axes_size(axes) for n, axes in zip(shape, sharding.dims, strict=True)
+    )
+
+
+@dataclasses.dataclass(slots=True)
+class Resolution:
+    """How a value is turned from the layout its op writes into the layout it is stored in."""
+
+    value: int
+    produced: Sharding
+    collectives: tuple  # the Collectives, in order
+    key: tuple | None  # combiner key (kind, axes, dtype) when the first collective can combine
+    bytes: int  # bytes of the combinable collective
+
+
+def _produced(prop: Propagation, op: Op, k: int) -> Sharding:
+    """The layout op writes its k-th result in: its factors' axes, and a pending sum over the
+    axes of its sharded reduction factors."""
+    vid = op.outputs[k]
+    decided = prop.ops[op.id]
+    if decided is None or op.rule is None:
+        return prop.shardings[vid]
+    f = decided.factors
+    dims = tuple(tuple(a for x in fs for a in f[x]) for fs in op.rule.results[k])
+    partial = frozenset(a for x in op.rule.factors_of(FactorKind.REDUCTION) for a in f[x])
+    return Sharding(dims, partial)
+
+
+def _sum_groups(prop: Propagation, op: Op) -> tuple[tuple[str, ...], ...]:
+    f = prop.ops[op.id].factors
+    return tuple(f[x] for x in reversed(op.rule.factors_of(FactorKind.REDUCTION)) if f[x])
+
+
+def resolutions_of(prop: Propagation, op: Op, compiler: Compiler) -> tuple[Resolution, ...]:
+    """The resolutions of an op's results that are not stored as written."""
+    found = (_resolution(prop, op, k, compiler) for k in range(len(op.outputs)))
+    return tuple(r for r in found if r is not None)
+
+
+def _resolution(prop: Propagation, op: Op, k: int, compiler: Compiler) -> Resolution | None:
+    vid = op.outputs[k]
+    v = prop.graph.values[vid]
+    produced = _produced(prop, op, k)
+    stored = prop.shardings[vid]
+    if produced == stored:
+        return None
+    groups = _sum_groups(prop, op) if produced.partial else None
+    colls, _ = reshard(v, produced, Sharding(stored.dims), prop.mesh, groups)
+    colls = tuple(colls)
+    key = None
+    nbytes = 0
+    if colls and colls[0].kind in _SUMS:
+        kind = colls[0].kind
+        axes = colls[0].axes
+        if compiler.reduce_scatter_as_all_reduce and kind is CollectiveKind.REDUCE_SCATTER:
+            # One all-reduce over every pending axis, then this device's slice.
+            kind = CollectiveKind.ALL_REDUCE
+            axes = tuple(a for a in prop.mesh.axes if a in produced.partial)
+        key = (kind, axes, v.dtype)
+        nbytes = local_bytes(v.shape, v.itemsize, Sharding(produced.dims), prop.mesh)
+        if kind is CollectiveKind.REDUCE_SCATTER:
+            nbytes = local_bytes(v.shape, v.itemsize, stored, prop.mesh)
+    return Resolution(vid, produced, colls, key, nbytes)
+
+
+def combine(g: Graph, order: list[Op], cands: list[Resolution], compiler: Compiler) -> list[list[int]]:
+    """Groups of candidate indices XLA's combiner merges (xla/service/collective_combiner_utils.h,
+    CombineInstructionsByKey): in program order, the first remaining candidate opens a group of
+    its key; later candidates of that key join while the bytes stay under the threshold, until
+    one depends on a member (the group closes). Repeat until every candidate is placed. A merged
+    group makes everything that read one member's result depend on every member's input."""
+    if not cands:
+        return []
+    index_of = {c.value: i for i, c in enumerate(cands)}
+    producer = g.producer
+    limit = {
+        CollectiveKind.ALL_REDUCE: compiler.all_reduce_combine_bytes,
+        CollectiveKind.REDUCE_SCATTER: compiler.reduce_scatter_combine_bytes,
+    }
+    # anc[c]: the candidates (a bitset) whose reduced results candidate c's input depends on.
+    after: dict[int, int] = {}  # value id -> what its readers inherit
+    at_op: dict[int, int] = {}
+    for op in order:
+        bits = 0
+        for u in op.inputs:
+            bits |= after.get(u, 0)
+        at_op[op.id] = bits
+        for u in op.outputs:
+            c = index_of.get(u)
+            after[u] = bits if c is None else bits | 1 << c
+    anc = [at_op[producer[c.value]] for c in cands]
+
+    remaining = list(range(len(cands)))
+    groups: list[list[int]] = []
+    while remaining:
+        chosen: list[int] = []
+        key = None
+        total = 0
+        for c in list(remaining):
+            if not chosen:
+                key = cands[c].key
+            if cands[c].key != key:
+                continue
+            cap = limit[key[0]]
+            if cands[c].bytes > cap:
+                remaining.remove(c)
+                groups.append([c])
+                continue
+            if total + cands[c].bytes > cap:
+                break
+            # Dependent either way (a merged group can make an earlier op wait on a later one).
+            if any(anc[c] >> m & 1 or anc[m] >> c & 1 for m in chosen):
+                break
+            chosen.append(c)
+            total += cands[c].bytes
+            remaining.remove(c)
+            if len(chosen) >= compiler.combine_count:
+                break
+        if chosen:
+            groups.append(chosen)
+        if len(chosen) > 1:
+            # Whoever depended on one member now depends on every member's inputs. The sets stay
+            # transitively closed, so one sweep suffices.
+            bits = mask = 0
+            for m in chosen:
+                bits |= 1 << m
+                mask |= anc[m] | 1 << m
+            for c in range(len(cands)):
+                if anc[c] & bits:
+                    anc[c] |= mask
+    return groups
+
+
+def schedule(
+    g: Graph,
+    order: list[Op],
+    groups: list[list[Resolution]],
+    breadth_first: bool,
+    memo: dict | None = None,
+) -> list[int]:
+    """The order the ops and (combined) collectives run in: an op by its id, group k by -1 - k.
+
+    Program order, each collective right after the last op that writes one of its inputs and the
+    ops that need its results moved after it, as any scheduler must; or, `breadth_first`, XLA's
+    BFScheduler: every node runs as soon as its inputs are ready, first come first served.
+    """
+    if memo is None:
+        return _nodes(g, order, groups, breadth_first)
+    key = (id(g), breadth_first, tuple(tuple(r.value for r in members) for members in groups))
+    nodes = memo.get(key)
+    if nodes is None:
+        nodes = memo[key] = _nodes(g, order, groups, breadth_first)
+    return nodes
+
+
+def _nodes(g: Graph, order: list[Op], groups: list[list[Resolution]], breadth_first: bool) -> list[int]:
+    """The schedule as node ids: an op by its id, a collective group k by -1 - k."""
+    position = {op.id: i for i, op in enumerate(order)}
+    producer = g.producer
+    # Nodes: an op by its id, a collective group k by -1 - k. Rank: program order, a collective
+    # just after the last op that writes one of its inputs.
+    group_of = {r.value: -1 - k for k, members in enumerate(groups) for r in members}
+    rank = {op.id: 2 * position[op.id] for op in order}
+    deps: dict[int, set[int]] = {}
+    for k, members in enumerate(groups):
+        deps[-1 - k] = {producer[r.value] for r in members}
+        rank[-1 - k] = 2 * max(position[producer[r.value]] for r in members) + 1
+    for op in order:
+        deps[op.id] = {
+            group_of[u] if u in group_of else producer[u]
+            for u in op.inputs
+            if u in group_of or (u in producer and producer[u] in position)
+        }
+    users: dict[int, list[int]] = {n: [] for n in deps}
+    for n, ds in deps.items():
+        for d in ds:
+            users[d].append(n)
+    for n in users:
+        users[n].sort(key=rank.__getitem__)
+    pending = {n: len(ds) for n, ds in deps.items()}
+    ready = sorted((n for n, c in pending.items() if not c), key=rank.__getitem__)
+    if breadth_first:
+        queue = collections.deque(ready)
+        pop, push = queue.popleft, queue.append
+    else:  # the ready node earliest in program order
+        heap = [(rank[n], n) for n in ready]
+
+        def pop():
+            return heapq.heappop(heap)[1]
+
+        def push(n):
+            heapq.heappush(heap, (rank[n], n))
+
+        queue = heap
+    out = []
+    while queue:
+        n = pop()
+        out.append(n)
+        for u in users[n]:
+            pending[u] -= 1
+            if not pending[u]:
+                push(u)
+    if len(out) != len(deps):  # only a cycle leaves nodes waiting
+        raise RuntimeError("memory: combined collectives that depend on each other; this is a bug.")
+    return out
