@@ -415,13 +415,8 @@ class Plan:
                 if hit is not None and len(hit[1].spec) <= value.rank:
                     return self._checked("params", hit, value.name, value.shape)
             return None
-        for suffix in suffixes:
-            if suffix in index:
-                param = index[suffix]
-                if param is None or param.shape != value.shape:
-                    return None  # ambiguous suffix, or a factored statistic of another shape
-                return self._param_sharding(param.name, param.shape, cache)
-        return None
+        param = followed_param(value, index)
+        return None if param is None else self._param_sharding(param.name, param.shape, cache)
 
     # ---------------------------------------------------------------------------------- building
 
@@ -549,6 +544,19 @@ def param_index(graph: Graph | Sequence[Value]) -> dict[str, Value | None]:
             suffix = "/".join(parts[k:])
             index[suffix] = v if suffix not in index else None
     return index
+
+
+def followed_param(value: Value, index: Mapping[str, Value | None]) -> Value | None:
+    """The param an optimizer-state leaf follows under follow_params: the one `param_index` finds
+    by the leaf's longest name suffix, if that suffix is unambiguous and the shapes are equal
+    (a factored statistic of another shape follows nothing)."""
+    parts = value.name.split("/")
+    for k in range(1, len(parts)):
+        suffix = "/".join(parts[k:])
+        if suffix in index:
+            param = index[suffix]
+            return param if param is not None and param.shape == value.shape else None
+    return None
 
 
 def activation_values(graph: Graph) -> dict[str, Value]:

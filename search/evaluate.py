@@ -49,6 +49,7 @@ class _Shared:
         self.scores: dict[Assignment, Score] = {}
         self.label = ""  # the searcher running now, for progress reports
         self.seeds: list[Assignment] | None = None
+        self.baselines: dict[str, Plan] | None = None
         self.seeds_for: tuple[int, ...] = ()  # ids of the hints `seeds` was made with
         g = problem.graph
         self.opt_for_param = opt_state_params(g)
@@ -112,11 +113,16 @@ class Evaluator:
         another searcher of the problem, and cost it a lookup).
       computed: those of them this searcher had to simulate.
       best: (cost, assignment) of the best plan this searcher scored.
-      curve: the best-so-far step time over time and evaluations.
+      curve: the best-so-far step time of fitting plans over time and evaluations.
     """
 
     def __init__(
-        self, problem: SearchProblem, space: DecisionSpace, overlap: Overlap = Overlap.BACKWARD_AND_PREFETCH
+        self,
+        problem: SearchProblem,
+        space: DecisionSpace,
+        overlap: Overlap = Overlap.BACKWARD_AND_PREFETCH,
+        *,
+        front: bool = False,
     ):
         self.problem = problem
         self.space = space
@@ -132,6 +138,10 @@ class Evaluator:
         self.best: tuple[float, Assignment] | None = None
         self.curve: list[CurvePoint] = []
         self._next_report = 0.0
+        self.scoring_s = 0.0  # seconds spent scoring plans new to this searcher
+        # (step time, memory, assignment) of fitting plans no other scored plan dominates, kept
+        # when the searcher reports a Pareto front.
+        self.front: list[tuple[float, int, Assignment]] | None = [] if front else None
 
     @property
     def label(self) -> str:
@@ -161,6 +171,7 @@ class Evaluator:
         hit = self.cache.get(assignment)
         if hit is not None:
             return hit
+        t0 = time.perf_counter()
         s = self._shared.scores.get(assignment)
         if s is None and not self.space.valid(assignment):
             # A searcher's bug, not the user's: never the best, never a crash at the end.
@@ -174,10 +185,13 @@ class Evaluator:
             self.computed += 1
         self.cache[assignment] = s
         self.evaluations += 1
+        if self.front is not None and s.fits:
+            add_to_front(self.front, s.step_time, s.memory, assignment)
         new_best = math.isfinite(s.cost) and (self.best is None or s.cost < self.best[0])
         if new_best:
             self.best = (s.cost, assignment)
-            self.curve.append(CurvePoint(self.elapsed(), self.evaluations, s.step_time))
+            if s.fits:  # the curve follows plans that fit (every one beats every misfit)
+                self.curve.append(CurvePoint(self.elapsed(), self.evaluations, s.step_time))
         if self.problem.progress is not None and (new_best or self.elapsed() >= self._next_report):
             self._next_report = self.elapsed() + 0.5
             best = self.cache[self.best[1]]
@@ -191,6 +205,7 @@ class Evaluator:
                     new_best,
                 )
             )
+        self.scoring_s += time.perf_counter() - t0
         return s
 
     def elapsed(self) -> float:
@@ -202,6 +217,26 @@ class Evaluator:
             return True
         return budget.seconds is not None and self.elapsed() >= budget.seconds - margin
 
+    def spent(self, budget: Budget) -> bool:
+        """Whether the budget is spent, keeping in hand the time of one more evaluation and of
+        the result's reports (about two evaluations each: the best plan's, and one per plan of
+        the Pareto front)."""
+        per = self.scoring_s / max(self.evaluations, 1)
+        return self.exhausted(budget, margin=per * (3 + 2 * len(self.front or ())))
+
+    def pareto(self, provenance: Provenance) -> tuple[tuple[Plan, CostReport], ...]:
+        """The Pareto front of fitting plans by (step time, memory), fastest first, with reports."""
+        entries = sorted(self.front or (), key=lambda t: t[:2])
+        return tuple((self.space.plan(a, provenance), self.report(a)) for _, _, a in entries)
+
+    def baselines(self) -> dict[str, Plan]:
+        """The expert baseline plans of the problem's graph and mesh (search.baselines), made once
+        per problem."""
+        sh = self._shared
+        if sh.baselines is None:
+            sh.baselines = baseline_plans(self.problem.graph, self.problem.mesh)
+        return sh.baselines
+
     def seeds(self) -> list[Assignment]:
         """Good starting points every searcher may use: the problem's hints, the expert baselines
         mapped into the decision space (those that are valid assignments), then the fully
@@ -211,7 +246,7 @@ class Evaluator:
         if sh.seeds is None or sh.seeds_for != hints:
             sh.seeds_for = hints
             out: list[Assignment] = []
-            plans = (*self.problem.hints, *baseline_plans(self.problem.graph, self.problem.mesh).values())
+            plans = (*self.problem.hints, *self.baselines().values())
             for plan in plans:
                 a = self.space.assignment_of(plan)
                 if a is not None and a not in out:
@@ -275,3 +310,13 @@ def relative(score: Score, reference: Score) -> float:
     if not math.isfinite(score.cost) or score.cost <= 0:
         return 0.0
     return min(1.0, reference.cost / score.cost) if reference.cost > 0 else 0.0
+
+
+def add_to_front(
+    front: list[tuple[float, int, Assignment]], time_s: float, memory: int, a: Assignment
+) -> None:
+    """Adds (step time, memory) to a Pareto front in place unless an entry dominates or equals it."""
+    if any(t <= time_s and m <= memory for t, m, _ in front):
+        return
+    front[:] = [(t, m, b) for t, m, b in front if not (time_s <= t and memory <= m)]
+    front.append((time_s, memory, a))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
-import time
 
 from search.evaluate import Evaluator, Score
 from search.problem import Budget, Objective, SearchProblem, SearchResult, Status
@@ -148,25 +147,12 @@ class MCTS:
 
     def search(self, problem: SearchProblem, budget: Budget) -> SearchResult:
         space = build_space(problem.graph, problem.mesh, fixed=problem.fixed)
-        ev = Evaluator(problem, space)
         multi = problem.objective is Objective.STEP_TIME_AND_MEMORY
-        scoring_s, scored = 0.0, 0  # time and count of new evaluations: how much time to keep in hand
-        front: list[tuple[float, int, Assignment]] = []  # fitting plans no other scored plan dominates
-
-        def score(a: Assignment) -> Score:
-            nonlocal scoring_s, scored
-            before, t0 = ev.evaluations, time.perf_counter()
-            s = ev.score(a)
-            if ev.evaluations > before:
-                scoring_s += time.perf_counter() - t0
-                scored += 1
-            if multi and s.fits:
-                _add_to_front(front, s.step_time, s.memory, a)
-            return s
+        ev = Evaluator(problem, space, front=multi)
+        score = ev.score
 
         def spent() -> bool:
-            # One more evaluation, then the result's reports (each about two evaluations).
-            return ev.exhausted(budget, margin=scoring_s / max(scored, 1) * (3 + 2 * len(front)))
+            return ev.spent(budget)
 
         seeded = []
         for a in ev.seeds():
@@ -209,9 +195,7 @@ class MCTS:
         result = ev.result("mcts", seed=self.seed, status=status, stats=stats)
         if not multi:
             return result
-        prov = result.plan.provenance
-        pareto = tuple((space.plan(a, prov), ev.report(a)) for _, _, a in sorted(front, key=lambda t: t[:2]))
-        return dataclasses.replace(result, front=pareto)
+        return dataclasses.replace(result, front=ev.pareto(result.plan.provenance))
 
     def _descend(self, tree: _Tree) -> list[_Node] | None:
         """Selection and expansion: the path from the root to a newly expanded node.
@@ -250,13 +234,3 @@ class MCTS:
             if value > best_value:
                 best, best_value = c, value
         return best
-
-
-def _add_to_front(
-    front: list[tuple[float, int, Assignment]], time_s: float, memory: int, a: Assignment
-) -> None:
-    """Adds (step time, memory) to a Pareto front in place unless an entry dominates or equals it."""
-    if any(t <= time_s and m <= memory for t, m, _ in front):
-        return
-    front[:] = [(t, m, b) for t, m, b in front if not (time_s <= t and memory <= m)]
-    front.append((time_s, memory, a))

@@ -5,11 +5,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
-import time
 from collections.abc import Container
 from typing import TYPE_CHECKING, Any
 
-from search.evaluate import Evaluator, Score
+from search.evaluate import Evaluator, add_to_front
 from search.problem import Budget, Objective, SearchError, SearchProblem, SearchResult, Status
 from search.space import Assignment, DecisionSpace, build_space
 
@@ -74,12 +73,12 @@ class OptunaSearch:
         from optuna.trial import TrialState
 
         space = build_space(problem.graph, problem.mesh, fixed=problem.fixed)
-        ev = Evaluator(problem, space)
         multi = (
             self.multi_objective
             if self.multi_objective is not None
             else problem.objective is Objective.STEP_TIME_AND_MEMORY
         )
+        ev = Evaluator(problem, space, front=multi)
         names = [f"{d.id}:{d.name}" for d in space.decisions]
         distributions = {
             n: optuna.distributions.CategoricalDistribution([encode(o) for o in d.options])
@@ -87,23 +86,10 @@ class OptunaSearch:
         }
         study = self._study(optuna, problem, multi)
         cap = problem.capacity
-        scoring_s, scored = 0.0, 0  # time and count of new evaluations: how much time to keep in hand
-        front: list[tuple[float, int, Assignment]] = []  # fitting, mutually non-dominated
-
-        def score(a: Assignment) -> Score:
-            nonlocal scoring_s, scored
-            before, t0 = ev.evaluations, time.perf_counter()
-            s = ev.score(a)
-            if ev.evaluations > before:
-                scoring_s += time.perf_counter() - t0
-                scored += 1
-            if multi and s.fits:
-                _add_to_front(front, s.step_time, s.memory, a)
-            return s
+        score = ev.score
 
         def spent() -> bool:
-            # One more evaluation, then the result's reports (each about two evaluations).
-            return ev.exhausted(budget, margin=scoring_s / max(scored, 1) * (3 + 2 * len(front)))
+            return ev.spent(budget)
 
         prior = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         for a in _best_of(prior, names, distributions, space, multi):
@@ -155,11 +141,7 @@ class OptunaSearch:
         result = ev.result("optuna", seed=self.seed, stats=stats)
         if not multi:
             return result
-        provenance = result.plan.provenance
-        pareto = tuple(
-            (space.plan(a, provenance), ev.report(a)) for _, _, a in sorted(front, key=lambda t: t[:2])
-        )
-        return dataclasses.replace(result, front=pareto)
+        return dataclasses.replace(result, front=ev.pareto(result.plan.provenance))
 
     def _study(self, optuna: Any, problem: SearchProblem, multi: bool) -> optuna.Study:
         """A new study, or the one of that name in the journal file (resumed)."""
@@ -221,7 +203,7 @@ def _best_of(
     front: list[tuple[float, int, Assignment]] = []
     for fits, values, a in scored:
         if fits:
-            _add_to_front(front, values[0], int(values[1]), a)
+            add_to_front(front, values[0], int(values[1]), a)
     return [a for _, _, a in front]
 
 
@@ -235,16 +217,6 @@ def _unscored(space: DecisionSpace, scored: Container[Assignment], rng: random.R
         if tuple(a) not in scored:
             return tuple(a)
     return None
-
-
-def _add_to_front(
-    front: list[tuple[float, int, Assignment]], time_s: float, memory: int, a: Assignment
-) -> None:
-    """Adds (step time, memory) to a Pareto front in place unless an entry dominates or equals it."""
-    if any(t <= time_s and m <= memory for t, m, _ in front):
-        return
-    front[:] = [(t, m, b) for t, m, b in front if not (time_s <= t and memory <= m)]
-    front.append((time_s, memory, a))
 
 
 def _import_optuna() -> Any:

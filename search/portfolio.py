@@ -18,7 +18,6 @@ import dataclasses
 import time
 
 from ir.propagate import propagate_plan
-from search.baselines import baseline_plans
 from search.evaluate import MISFIT, Evaluator
 from search.problem import Budget, SearchProblem, SearchResult, Status
 from search.registry import make_searcher
@@ -46,7 +45,7 @@ class Portfolio:
             return []
         out = []
         limit = 0.3 * budget.seconds if budget.seconds is not None else None
-        for name, plan in baseline_plans(problem.graph, problem.mesh).items():
+        for name, plan in ev.baselines().items():
             if limit is not None and time.perf_counter() - start > limit:
                 break
             # Baselines carry their own activation constraints: propagated without the shared

@@ -140,7 +140,7 @@ class SearchResult:
     Attributes:
       plan: the best plan (the closest to fitting when none fits).
       report: its CostReport.
-      curve: the best-so-far step time over wall time and evaluations.
+      curve: the best-so-far step time of fitting plans over wall time and evaluations.
       status: optimal / feasible / infeasible / timed out.
       stats: searcher-specific numbers (evaluations, nodes expanded, solver bound and gap, ...).
       front: for the time-and-memory objective, the Pareto-optimal (plan, report) pairs.

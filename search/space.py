@@ -15,12 +15,13 @@ tensor may use an axis twice (two decisions that share a tensor cannot both take
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 from collections.abc import Mapping, Sequence
 
 from ir.dims import dim_groups
 from ir.graph import Graph, Role
-from ir.plan import Plan, Provenance, name_pattern
+from ir.plan import Plan, Provenance, followed_param, name_pattern, param_index
 from ir.sharding import MeshShape, Sharding
 
 Assignment = tuple[tuple[str, ...], ...]  # per decision, its mesh axes (() = not sharded)
@@ -63,6 +64,11 @@ class DecisionSpace:
     def empty(self) -> Assignment:
         return ((),) * len(self.decisions)
 
+    @functools.cached_property
+    def opt_state(self) -> dict[int, list[int]]:
+        """`opt_state_params(graph)`: the optimizer-state inputs that follow each parameter."""
+        return opt_state_params(self.graph)
+
     def tensor_axes(self, assignment: Assignment) -> dict[int, dict[int, tuple[str, ...]]]:
         """value id -> dim -> axes, fixed dims first."""
         out: dict[int, dict[int, tuple[str, ...]]] = {}
@@ -104,20 +110,13 @@ class DecisionSpace:
     def plan(self, assignment: Assignment, provenance: Provenance | None = None) -> Plan:
         """The assignment as a Plan (params, batch; optimizer state following the params)."""
         g = self.graph
-        named = {g.values[vid].name: s for vid, s in self.shardings(assignment).items()}
+        shardings = self.shardings(assignment)
+        named = {g.values[vid].name: s for vid, s in shardings.items()}
         # Optimizer state takes its parameter's sharding, as the plan's follow_params does.
-        params = {
-            g.values[vid].name.removeprefix("params/"): s
-            for vid, s in self.shardings(assignment).items()
-            if g.values[vid].role is Role.PARAM
-        }
-        for vid in g.inputs:
-            v = g.values[vid]
-            if v.role is Role.OPT_STATE:
-                for suffix, s in params.items():
-                    if v.name.endswith("/" + suffix) and len(s.dims) == v.rank:
-                        named[v.name] = s
-                        break
+        for pid, states in self.opt_state.items():
+            if pid in shardings:
+                for vid in states:
+                    named[g.values[vid].name] = shardings[pid]
         kwargs = {"provenance": provenance} if provenance is not None else {}
         return Plan.from_shardings(self.mesh, g, named, **kwargs)
 
@@ -259,20 +258,14 @@ def _label(graph: Graph, members: Sequence[tuple[int, int]]) -> str:
 
 
 def opt_state_params(graph: Graph) -> dict[int, list[int]]:
-    """Parameter input id -> the optimizer-state inputs that take its sharding: those whose name
-    ends with the parameter's path (less 'params/') and whose shape is its shape, in input order.
-    A state matching several parameters follows the first."""
-    params = {
-        graph.values[v].name.removeprefix("params/"): v
-        for v in graph.inputs
-        if graph.values[v].role is Role.PARAM
-    }
+    """Parameter input id -> the optimizer-state inputs that take its sharding, in input order:
+    the plan file's follow_params rule (`ir.plan.followed_param`)."""
+    index = param_index(graph)
     out: dict[int, list[int]] = {}
     for vid in graph.inputs:
         v = graph.values[vid]
         if v.role is Role.OPT_STATE:
-            for suffix, pid in params.items():
-                if v.name.endswith("/" + suffix) and graph.values[pid].shape == v.shape:
-                    out.setdefault(pid, []).append(vid)
-                    break
+            param = followed_param(v, index)
+            if param is not None:
+                out.setdefault(param.id, []).append(vid)
     return out
