@@ -72,9 +72,17 @@ def fused_and_aliased(
     readers = g.consumers
     shardings = prop.shardings
 
+    counts: dict = memo.setdefault("elements", {}) if memo is not None else {}
+
     def elements(vid: int) -> int:
-        v = g.values[vid]
-        return math.prod(n // mesh.axes_size(a) for n, a in zip(v.shape, shardings[vid].dims, strict=True))
+        s = shardings[vid]
+        n = counts.get((id(g), vid, s))
+        if n is None:
+            v = g.values[vid]
+            n = counts[(id(g), vid, s)] = math.prod(
+                n // mesh.axes_size(a) for n, a in zip(v.shape, s.dims, strict=True)
+            )
+        return n
 
     library: set[int] = set()  # ops inside a library reduction
     if library_reduce_elements:

@@ -341,29 +341,40 @@ def _loop_slices(prop: Propagation, scans: list[Op], cache: TimelineCache | None
         subs = prop.bodies.get(op.id)
         if not subs:
             continue
+        sub = subs[0]
         if cache is None:
-            found = _slices(prop, op, subs[0])
+            found = _slices(prop, op, sub)
         else:
-            hit = cache.slices.get((id(prop.graph), op.id, id(subs[0])))
-            if hit is None or hit[0] is not subs[0]:
-                hit = cache.slices[(id(prop.graph), op.id, id(subs[0]))] = (
-                    subs[0],
-                    _slices(prop, op, subs[0]),
-                )
-            found = hit[1]
+            # What decides it: how the body holds and reads each generated constant.
+            consts = _generated_consts(prop.graph, op)
+            if not consts:
+                continue
+            seen = tuple(
+                (sub.shardings[b], tuple(sub.ops[r] for r in sub.graph.consumers.get(b, ())))
+                for _, b in consts
+            )
+            key = (id(prop.graph), op.id, seen)
+            found = cache.slices.get(key)
+            if found is None:
+                found = cache.slices[key] = _slices(prop, op, sub)
         for vid, b in found:
             out[vid] = max(out.get(vid, 0), b)
     return out
 
 
-def _slices(prop: Propagation, op: Op, sub: Propagation) -> list[tuple[int, int]]:
-    """(value, bytes of the largest slice its body reads) of one loop's sliced constants."""
-    g = prop.graph
+def _generated_consts(g: Graph, op: Op) -> list[tuple[int, int]]:
+    """(value, body input) of each loop constant made by a broadcast or iota."""
     out = []
     for k, vid in enumerate(op.inputs[: op.params["num_consts"]]):
-        if vid not in g.producer or g.ops[g.producer[vid]].primitive not in GENERATED:
-            continue
-        b = sub.graph.inputs[k]
+        if vid in g.producer and g.ops[g.producer[vid]].primitive in GENERATED:
+            out.append((vid, op.body[0].inputs[k]))
+    return out
+
+
+def _slices(prop: Propagation, op: Op, sub: Propagation) -> list[tuple[int, int]]:
+    """(value, bytes of the largest slice its body reads) of one loop's sliced constants."""
+    out = []
+    for vid, b in _generated_consts(prop.graph, op):
         v = sub.graph.values[b]
         largest = 0
         for r in sub.graph.consumers.get(b, ()):

@@ -83,22 +83,34 @@ def memory_peak(
     cache: TimelineCache | None = None,
 ) -> int:
     """`memory(...).peak` without the breakdown (what a searcher compares)."""
-    args, _, outs, aliased = _footprint(prop, donated, compiler)
+    args, _, outs, aliased = _footprint(prop, donated, compiler, cache.sizes if cache is not None else None)
     return args + outs - aliased + temp_peak(prop, compiler, cache)
 
 
 def _footprint(
-    prop: Propagation, donated: frozenset[int] | None, compiler: Compiler
+    prop: Propagation, donated: frozenset[int] | None, compiler: Compiler, sizes: dict | None = None
 ) -> tuple[int, dict[str, int], int, int]:
-    """(argument bytes, arguments by kind, output bytes, output bytes aliased onto donated inputs)."""
+    """(argument bytes, arguments by kind, output bytes, output bytes aliased onto donated inputs).
+
+    `sizes`: a memo of local bytes by (graph id, value id, sharding), reused across calls."""
     g = prop.graph
     mesh = prop.mesh
     donated = g.donated if donated is None else donated
+    sizes = {} if sizes is None else sizes
+    gid = id(g)
+
+    def size(vid: int, s) -> int:
+        b = sizes.get((gid, vid, s))
+        if b is None:
+            v = g.values[vid]
+            b = sizes[(gid, vid, s)] = local_bytes(v.shape, v.itemsize, s, mesh)
+        return b
+
     by_kind: dict[str, int] = {}
     args = 0
     for vid in g.inputs:
         v = g.values[vid]
-        b = local_bytes(v.shape, v.itemsize, prop.shardings[vid], mesh)
+        b = size(vid, prop.shardings[vid])
         args += b
         kind = _INPUT_KINDS.get(v.role, "inputs")
         by_kind[kind] = by_kind.get(kind, 0) + b
@@ -107,13 +119,11 @@ def _footprint(
     aliased = 0
     used_donors: set[int] = set()
     for k, (vid, s) in enumerate(zip(g.outputs, prop.outputs, strict=True)):
-        v = g.values[vid]
-        b = local_bytes(v.shape, v.itemsize, s, mesh)
+        b = size(vid, s)
         outs += b
         src = g.output_alias[k] if k < len(g.output_alias) else -1
         if src in donated and src not in used_donors:
-            sv = g.values[src]
-            if local_bytes(sv.shape, sv.itemsize, prop.shardings[src], mesh) == b:
+            if size(src, prop.shardings[src]) == b:
                 aliased += b
                 used_donors.add(src)
     return args, by_kind, outs, aliased

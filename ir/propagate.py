@@ -161,6 +161,7 @@ class PropagationCache:
         self.parts: dict[tuple, Part] = {}
         self.spans: dict[int, tuple[tuple[_Span, ...], frozenset[int]]] = {}
         self._live: dict[int, tuple[Graph, tuple[bool, ...]]] = {}
+        self._constants: dict[int, tuple[Graph, tuple[int, ...]]] = {}
         self._keys: dict[tuple[int, frozenset[int]], int] = {}
         self._alive: list[Graph] = []  # graphs whose ids are in keys
 
@@ -183,6 +184,12 @@ class PropagationCache:
             hit = self.spans[k] = (_spans(graph), frozenset(derived))
         return hit
 
+    def constants(self, graph: Graph) -> tuple[int, ...]:
+        hit = self._constants.get(id(graph))
+        if hit is None or hit[0] is not graph:
+            hit = self._constants[id(graph)] = (graph, _constants(graph))
+        return hit[1]
+
     def live(self, graph: Graph) -> tuple[bool, ...]:
         hit = self._live.get(id(graph))
         if hit is None or hit[0] is not graph:
@@ -191,6 +198,11 @@ class PropagationCache:
 
     def __len__(self) -> int:
         return len(self.ops) + len(self.reads) + len(self.bodies) + len(self.parts)
+
+
+def _constants(graph: Graph) -> tuple[int, ...]:
+    """Values no op makes: inputs and constants (replicated unless the inputs say otherwise)."""
+    return tuple(v.id for v in graph.values if v.id not in graph.producer)
 
 
 def _live(graph: Graph) -> tuple[bool, ...]:
@@ -272,9 +284,9 @@ class _Propagator:
         g = self.g
         for vid in g.inputs:
             self.cur[vid] = inputs.get(vid) or Sharding.replicated(g.values[vid].rank)
-        for v in g.values:
-            if self.cur[v.id] is None and v.id not in g.producer:
-                self.cur[v.id] = Sharding.replicated(v.rank)  # constants
+        for vid in self.cache.constants(g) if self.cache is not None else _constants(g):
+            if self.cur[vid] is None:
+                self.cur[vid] = Sharding.replicated(g.values[vid].rank)
         if self.spans:
             for span in self.spans:
                 self._span(span)
@@ -389,8 +401,8 @@ class _Propagator:
             decided = self._decide(op, ins, targets)
             if key is not None:
                 self.cache.ops[key] = decided
-        factors, operands, results, groups = decided
-        for vid, want in zip(op.inputs, operands, strict=True):
+        decision, results, groups = decided
+        for vid, want in zip(op.inputs, decision.operands, strict=True):
             self._read(vid, want)
         for k, vid in enumerate(op.outputs):
             cur[vid] = results[k]
@@ -400,10 +412,12 @@ class _Propagator:
                 # The constrained value is the target: every reader sees it so.
                 self._read(vid, targets[k])
                 cur[vid] = targets[k]
-        self.ops[op.id] = OpSharding(factors, operands)
+        # One object per decision, the same however often it is made again: costs and memory
+        # resolutions downstream are cached by its identity.
+        self.ops[op.id] = decision
 
     def _decide(self, op: Op, ins: tuple, targets: tuple) -> tuple:
-        """(factors, operand shardings, result shardings, sum groups) of one op."""
+        """(OpSharding, result shardings, sum groups) of one op."""
         rule = op.rule
         g = self.g
         proposals = [
@@ -414,7 +428,7 @@ class _Propagator:
         factors = assign_factors(rule, proposals, self.mesh)
         operands = tuple(Sharding(tensor_dims(rule.operands[k], factors)) for k in range(len(op.inputs)))
         results, groups = result_shardings(rule, factors)
-        return factors, operands, results, groups
+        return OpSharding(factors, operands), results, groups
 
     # -- reading a value with a given sharding -----------------------------------------------------
 

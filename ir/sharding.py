@@ -150,7 +150,12 @@ class Sharding:
 
     @classmethod
     def replicated(cls, rank: int) -> Sharding:
-        return cls(((),) * rank)
+        hit = _REPLICATED.get(rank) if cls is Sharding else None
+        if hit is None:
+            hit = cls(((),) * rank)
+            if cls is Sharding:
+                _REPLICATED[rank] = hit
+        return hit
 
     @classmethod
     def from_spec(cls, spec: Sequence[str | Sequence[str] | None], rank: int | None = None) -> Sharding:
@@ -244,3 +249,6 @@ class Sharding:
         body = ", ".join("{" + ",".join(d) + "}" if d else "{}" for d in self.dims)
         tail = f" partial={{{','.join(sorted(self.partial))}}}" if self.partial else ""
         return f"[{body}]{tail}"
+
+
+_REPLICATED: dict[int, Sharding] = {}  # Sharding.replicated(rank), made once per rank
