@@ -13,8 +13,12 @@ A reduction factor sharded over axes leaves its result a pending partial sum ove
 sum is resolved where the value is first read: by a reduce-scatter when that reader wants the
 value sharded along a partial axis (the data-parallel gradient feeding a sharded optimizer
 update), else by all-reduces, one per sharded reduction dim as XLA's partitioner emits them.
-The resolved sharding is the value's sharding from then on. `reshard` prices every change of
-sharding the way XLA's SPMD partitioner carries it out (docs/xla-partitioner.md).
+The resolved sharding is the value's sharding from then on. `ir.reshard.reshard` prices every
+change of sharding the way XLA's SPMD partitioner carries it out (docs/xla-partitioner.md).
+
+A searcher propagates thousands of plans of one graph: with a `PropagationCache`, the ops run in
+spans of `SPAN_OPS` consecutive ops, and a span entered with shardings seen before is replayed
+from what it did then (a `Part`), decisions, collectives and all, instead of propagated again.
 """
 
 from __future__ import annotations
