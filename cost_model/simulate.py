@@ -161,6 +161,25 @@ class Simulator:
         self._roles: dict[int, dict[str, Role]] = {}
         self.timelines = TimelineCache()
 
+    def cache_entries(self) -> int:
+        """How many entries this simulator's caches hold (to bound a long search's memory)."""
+        t = self.timelines
+        return (
+            len(self._op_seconds)
+            + len(self._bodies)
+            + len(self._parts)
+            + len(self._coll)
+            + len(t.body_peaks)
+            + len(t.resolutions)
+            + len(t.sizes)
+            + len(t.moves)
+            + len(t.slices)
+            + len(t.combined)
+            + len(t.schedules)
+            + len(t.fusion)
+            + len(t.fusion.get("elements", ()))
+        )
+
     def report(self, prop: Propagation, top_ops: int = 10) -> CostReport:
         """The full CostReport (per-op rows for the `top_ops` costliest ops)."""
         return self._report(prop, top_ops)

@@ -140,3 +140,28 @@ def test_cached_evaluation_is_exactly_a_fresh_one(source, hardware):
         report = Simulator(hw, topo).report(fresh)
         assert ev.simulator.step_time_and_peak(cached) == (report.step_time, report.memory.peak)
     clear_shared()
+
+
+def test_a_long_search_starts_its_caches_afresh_and_scores_alike(monkeypatch):
+    # The evaluator bounds its caches (a long search would grow them without end): once they
+    # exceed the bound they start afresh, and plans score exactly as before.
+    import search.evaluate as evaluate
+    from auto_partition.workloads import resolve
+    from cost_model.hardware import load_hardware
+    from search.problem import SearchProblem
+    from search.space import build_space
+
+    g = trace(resolve("builtin:gpt:tiny"))
+    mesh = MeshShape(("data", "model"), (2, 4))
+    space = build_space(g, mesh)
+    plans = list(space.enumerate())[:300]
+    evaluate.clear_shared()
+    reference = evaluate.Evaluator(SearchProblem(g, mesh, load_hardware("h100")), space)
+    expected = [reference.score(a) for a in plans]
+    evaluate.clear_shared()
+    monkeypatch.setattr(evaluate, "_CACHE_ENTRIES", 500)
+    ev = evaluate.Evaluator(SearchProblem(g, mesh, load_hardware("h100")), space)
+    first = ev.prop_cache
+    assert [ev.score(a) for a in plans] == expected
+    assert ev.prop_cache is not first and len(ev.prop_cache) + ev.simulator.cache_entries() < 2_000
+    evaluate.clear_shared()
