@@ -17,6 +17,7 @@ full to count FLOPs.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 from ir.propagate import Propagation
 from ir.rules import ELEMENTWISE
@@ -48,8 +49,22 @@ _LIBRARY_ELEMENTWISE = frozenset(
 GENERATED = frozenset(("broadcast_in_dim", "iota"))
 
 
+class FusionCache:
+    """Memo tables for `fused_and_aliased` over many propagations of the same graphs: the ops
+    that may alias per graph, local element counts by (graph, value, sharding), and the fused
+    set by (graph, aliases, library ops, library slices). Entries keep their graph alive."""
+
+    def __init__(self):
+        self.alias_ops: dict[int, tuple] = {}
+        self.elements: dict[tuple, int] = {}
+        self.fused: dict[tuple, tuple] = {}
+
+    def __len__(self) -> int:
+        return len(self.alias_ops) + len(self.elements) + len(self.fused)
+
+
 def fused_and_aliased(
-    prop: Propagation, library_reduce_elements: int = 0, memo: dict | None = None
+    prop: Propagation, library_reduce_elements: int = 0, memo: FusionCache | None = None
 ) -> tuple[frozenset[int], dict[int, int], frozenset[int]]:
     """(values no buffer holds, value -> the value whose buffer it holds, ops in a library
     reduction).
@@ -57,8 +72,8 @@ def fused_and_aliased(
     Args:
       prop: a propagated graph (local sizes decide which reductions go to a library).
       library_reduce_elements: see `cost_model.liveness.Compiler`; 0 for no library.
-      memo: a dict to reuse across calls for one graph: the fused set is a function of the
-        aliases and library reductions, which few sharding changes change.
+      memo: tables to reuse across calls: the fused set is a function of the aliases and
+        library reductions, which few sharding changes change.
 
     A value is computed inside the fusions that read it, never written, when its op is loop-
     fusible and every reader fuses it: a fusible op, or a reduction the backend fuses (one that
@@ -72,7 +87,7 @@ def fused_and_aliased(
     readers = g.consumers
     shardings = prop.shardings
 
-    counts: dict = memo.setdefault("elements", {}) if memo is not None else {}
+    counts = memo.elements if memo is not None else {}
 
     def elements(vid: int) -> int:
         s = shardings[vid]
@@ -103,9 +118,9 @@ def fused_and_aliased(
     alias: dict[int, int] = {}
     candidates = None
     if memo is not None:
-        hit = memo.get(id(g))
+        hit = memo.alias_ops.get(id(g))
         if hit is None or hit[0] is not g:
-            hit = memo[id(g)] = (g, _alias_ops(g))
+            hit = memo.alias_ops[id(g)] = (g, _alias_ops(g))
         candidates = hit[1]
     for op in candidates if candidates is not None else _alias_ops(g):
         decided = prop.ops[op.id]
@@ -129,10 +144,25 @@ def fused_and_aliased(
     if memo is None:
         return _fused(g, alias, library, slices), alias, library
     key = (id(g), frozenset(alias.items()), library, frozenset(slices))
-    hit = memo.get(key)
+    hit = memo.fused.get(key)
     if hit is None or hit[0] is not g:
-        hit = memo[key] = (g, _fused(g, alias, library, slices))
+        hit = memo.fused[key] = (g, _fused(g, alias, library, slices))
     return hit[1], alias, library
+
+
+def fused_sources(
+    g, vid: int, fused: frozenset[int], alias: Mapping[int, int], memo: dict[int, frozenset[int]]
+) -> frozenset[int]:
+    """The buffers a fused value is recomputed from in each reader: its producer's operands,
+    through any that are fused themselves, each as the buffer it shares (`alias`). `memo` holds
+    the answers for one (graph, fused, alias)."""
+    hit = memo.get(vid)
+    if hit is None:
+        out: set[int] = set()
+        for u in g.ops[g.producer[vid]].inputs:
+            out |= fused_sources(g, u, fused, alias, memo) if u in fused else {alias.get(u, u)}
+        hit = memo[vid] = frozenset(out)
+    return hit
 
 
 def _alias_ops(g) -> list:

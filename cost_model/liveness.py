@@ -39,7 +39,7 @@ from cost_model.compiler import (
     resolutions_of,
     schedule,
 )
-from cost_model.fusion import GENERATED, fused_and_aliased
+from cost_model.fusion import GENERATED, FusionCache, fused_and_aliased, fused_sources
 from ir.comm import CollectiveKind
 from ir.graph import Graph, Op
 from ir.propagate import Propagation
@@ -95,7 +95,8 @@ class TimelineCache:
 
     def __init__(self):
         self.body_peaks: dict[int, tuple[Propagation, int]] = {}
-        self.fusion: dict = {}
+        self.fusion = FusionCache()
+        self.sources: dict[tuple, tuple] = {}  # (graph, fused set) -> (fused set, memo)
         self.graphs: dict[int, tuple[Graph, list[Op], list[Op]]] = {}
         self.resolutions: dict[tuple, tuple] = {}
         self.combined: dict[tuple, list[list[int]]] = {}
@@ -175,7 +176,10 @@ def _buffers(prop: Propagation, compiler: Compiler, cache: TimelineCache | None)
     else:
         fused, alias, library = fused_and_aliased(prop, compiler.library_reduce_elements, cache.fusion)
         order, scans = cache.graph(g)
-        memo = cache.fusion.setdefault(("sources", id(g), id(fused)), {})
+        hit = cache.sources.get((id(g), id(fused)))
+        if hit is None or hit[0] is not fused:
+            hit = cache.sources[(id(g), id(fused))] = (fused, {})
+        memo = hit[1]
         sizes = cache.sizes
     pinned = {alias.get(v, v) for v in (*g.inputs, *g.outputs)}
 
@@ -222,15 +226,6 @@ def _buffers(prop: Propagation, compiler: Compiler, cache: TimelineCache | None)
             v = g.values[vid]
             b = sizes[key] = local_bytes(v.shape, v.itemsize, s, mesh)
         return b
-
-    def sources(vid: int) -> frozenset[int]:
-        """The buffers a fused value is computed from."""
-        if vid not in memo:
-            out: set[int] = set()
-            for u in g.ops[g.producer[vid]].inputs:
-                out |= sources(u) if u in fused else {alias.get(u, u)}
-            memo[vid] = frozenset(out)
-        return memo[vid]
 
     step = 0
     written: dict[int, int] = {}  # value id -> step its stored buffer is written
@@ -294,7 +289,7 @@ def _buffers(prop: Propagation, compiler: Compiler, cache: TimelineCache | None)
             if key is not None:
                 copies[key][2] = step
             elif vid in fused:  # recomputed here from its operands, which must still be live
-                for s in sources(vid):
+                for s in fused_sources(g, vid, fused, alias, memo):
                     last_read[s] = step
             else:
                 last_read[alias.get(vid, vid)] = step

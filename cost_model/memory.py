@@ -66,7 +66,9 @@ def memory(
       compiler: the backend's combiner and lowering choices; `compiler_for(hardware.name)`.
       cache: memo tables to reuse across calls with one compiler (see `TimelineCache`).
     """
-    args, by_kind, outs, aliased = _footprint(prop, donated, compiler)
+    args, by_kind, outs, aliased = _footprint(
+        prop, donated, compiler, cache.sizes if cache is not None else None
+    )
     temp, live_at_peak = peak(timeline(prop, compiler, cache))
     for name, b in live_at_peak:
         kind = _kind_of(name)

@@ -177,7 +177,7 @@ class Simulator:
             + len(t.combined)
             + len(t.schedules)
             + len(t.fusion)
-            + len(t.fusion.get("elements", ()))
+            + len(t.sources)
         )
 
     def report(self, prop: Propagation, top_ops: int = 10) -> CostReport:

@@ -150,11 +150,9 @@ class Sharding:
 
     @classmethod
     def replicated(cls, rank: int) -> Sharding:
-        hit = _REPLICATED.get(rank) if cls is Sharding else None
+        hit = _REPLICATED.get(rank)
         if hit is None:
-            hit = cls(((),) * rank)
-            if cls is Sharding:
-                _REPLICATED[rank] = hit
+            hit = _REPLICATED[rank] = cls(((),) * rank)
         return hit
 
     @classmethod

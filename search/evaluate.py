@@ -13,7 +13,7 @@ from ir.plan import Plan, Provenance
 from ir.propagate import Propagation, PropagationCache, propagate
 from search.baselines import baseline_plans
 from search.problem import Budget, CurvePoint, Progress, SearchProblem, SearchResult, Status
-from search.space import Assignment, DecisionSpace, opt_state_params
+from search.space import Assignment, DecisionSpace
 
 MISFIT = 1e6  # the cost of a plan that does not fit, before its memory overflow is added
 
@@ -54,7 +54,6 @@ class _Shared:
         self.baselines: dict[str, Plan] | None = None
         self.seeds_for: tuple[int, ...] = ()  # ids of the hints `seeds` was made with
         g = problem.graph
-        self.opt_for_param = opt_state_params(g)
         self.outputs_alias = tuple(g.output_alias)
         fixed = problem.fixed
         self.constraint = None
@@ -180,7 +179,7 @@ class Evaluator:
         g = self.problem.graph
         sh = self._shared
         inputs = self.space.shardings(assignment)
-        for pid, opts in sh.opt_for_param.items():
+        for pid, opts in self.space.opt_state.items():
             if pid in inputs:
                 for o in opts:
                     inputs[o] = inputs[pid]

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from cost_model.compute import fused_values
-from cost_model.fusion import GENERATED
+from cost_model.fusion import GENERATED, fused_sources
 from ir.graph import Graph, Op, Value
 from ir.sharding import MeshShape, Sharding
 from search.ilp_nodes import CONST_NODE, MemoryPoint, Node, NodeKind, Source
@@ -36,19 +36,11 @@ def live_ranges(
             root[op.outputs[0]] = root.get(op.inputs[0], op.inputs[0])
     memo: dict[int, frozenset[int]] = {}
 
-    def sources(vid: int) -> frozenset[int]:
-        if vid not in memo:
-            out: set[int] = set()
-            for u in g.ops[g.producer[vid]].inputs:
-                out |= sources(u) if u in fused else {root.get(u, u)}
-            memo[vid] = frozenset(out)
-        return memo[vid]
-
     born: dict[int, int] = {}
     last: dict[int, int] = {}
     for i, op in enumerate(g.ops):
         for vid in op.inputs:
-            for r in sources(vid) if vid in fused else (root.get(vid, vid),):
+            for r in fused_sources(g, vid, fused, root, memo) if vid in fused else (root.get(vid, vid),):
                 last[r] = max(last.get(r, i), i)
         if op.primitive in GENERATED:
             continue  # made at the size each reader reads it in, where it reads it

@@ -196,18 +196,10 @@ class Program:
             c = {(a, b): xj[b] if len(xi) == 1 else xi[a] for a, b in reach}
         elif all(len(r) <= 1 for r in rows):  # j follows from i
             c = {(a, b): xi[a] for a, b in reach}
-            for b, members in enumerate(cols):
-                m.Add(sum(xi[a] for a in members) == xj[b])
-            for a, r in enumerate(rows):
-                if not r:
-                    m.Add(xi[a] == 0)
+            _follows(m, xi, xj, rows, cols)
         elif all(len(col) <= 1 for col in cols):  # i follows from j
             c = {(a, b): xj[b] for a, b in reach}
-            for a, members in enumerate(rows):
-                m.Add(sum(xj[b] for b in members) == xi[a])
-            for b, col in enumerate(cols):
-                if not col:
-                    m.Add(xj[b] == 0)
+            _follows(m, xj, xi, cols, rows)
         else:
             c = {(a, b): m.NewBoolVar(f"c{i}_{a}_{j}_{b}") for a, b in reach}
             for a, r in enumerate(rows):
@@ -330,3 +322,14 @@ class Program:
             else:
                 out.append(next(s for s, v in enumerate(xs) if solver.BooleanValue(v)))
         return tuple(out)
+
+
+def _follows(m, x_from, x_to, leads_to: list[list[int]], led_from: list[list[int]]) -> None:
+    """States that x_to follows from x_from: each x_to strategy is chosen exactly when one of
+    the x_from strategies leading to it is (`led_from`), and an x_from strategy that leads to
+    none (`leads_to`) is never chosen."""
+    for k, members in enumerate(led_from):
+        m.Add(sum(x_from[a] for a in members) == x_to[k])
+    for a, targets in enumerate(leads_to):
+        if not targets:
+            m.Add(x_from[a] == 0)

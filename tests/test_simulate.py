@@ -131,7 +131,7 @@ def test_cached_evaluation_is_exactly_a_fresh_one(source, hardware):
     for a in rng.sample(valid, min(25, len(valid))):
         cached = ev.propagation(a)
         inputs = space.shardings(a)
-        for pid, opts in ev._shared.opt_for_param.items():
+        for pid, opts in space.opt_state.items():
             for o in opts if pid in inputs else ():
                 inputs[o] = inputs[pid]
         outputs = {k: inputs[x] for k, x in enumerate(g.output_alias) if x >= 0 and x in inputs}
