@@ -133,12 +133,12 @@ def resolutions_of(prop: Propagation, op: Op, compiler: Compiler) -> tuple[Resol
 def _resolution(prop: Propagation, op: Op, k: int, compiler: Compiler) -> Resolution | None:
     vid = op.outputs[k]
     v = prop.graph.values[vid]
-    produced = _produced(prop, op, k)
+    made = _produced(prop, op, k)
     stored = prop.shardings[vid]
-    if produced == stored:
+    if made == stored:
         return None
-    groups = _sum_groups(prop, op) if produced.partial else None
-    colls, _ = reshard(v, produced, Sharding(stored.dims), prop.mesh, groups)
+    groups = _sum_groups(prop, op) if made.partial else None
+    colls, _ = reshard(v, made, Sharding(stored.dims), prop.mesh, groups)
     colls = tuple(colls)
     key = None
     nbytes = 0
@@ -148,12 +148,12 @@ def _resolution(prop: Propagation, op: Op, k: int, compiler: Compiler) -> Resolu
         if compiler.reduce_scatter_as_all_reduce and kind is CollectiveKind.REDUCE_SCATTER:
             # One all-reduce over every pending axis, then this device's slice.
             kind = CollectiveKind.ALL_REDUCE
-            axes = tuple(a for a in prop.mesh.axes if a in produced.partial)
+            axes = tuple(a for a in prop.mesh.axes if a in made.partial)
         key = (kind, axes, v.dtype)
-        nbytes = local_bytes(v.shape, v.itemsize, Sharding(produced.dims), prop.mesh)
+        nbytes = local_bytes(v.shape, v.itemsize, Sharding(made.dims), prop.mesh)
         if kind is CollectiveKind.REDUCE_SCATTER:
             nbytes = local_bytes(v.shape, v.itemsize, stored, prop.mesh)
-    return Resolution(vid, produced, colls, key, nbytes)
+    return Resolution(vid, made, colls, key, nbytes)
 
 
 def combine(g: Graph, order: list[Op], cands: list[Resolution], compiler: Compiler) -> list[list[int]]:

@@ -42,7 +42,7 @@ from cost_model.compiler import (
 from cost_model.fusion import GENERATED, FusionCache, fused_and_aliased, fused_sources
 from ir.comm import CollectiveKind
 from ir.graph import Graph, Op
-from ir.propagate import Propagation
+from ir.propagate import Part, Propagation
 from ir.reshard import reshard
 from ir.sharding import Sharding
 
@@ -104,6 +104,7 @@ class TimelineCache:
         self.sizes: dict[tuple, int] = {}
         self.slices: dict[tuple, tuple] = {}
         self.moves: dict[tuple, bool] = {}  # (graph, value, have, want) -> whether a collective moves it
+        self.steps: dict[tuple, tuple] = {}  # (part, fused set) -> what its ops do (see _part_steps)
 
     def graph(self, g: Graph) -> tuple[list[Op], list[Op]]:
         """(live ops in program order, scan ops)."""
@@ -166,7 +167,6 @@ def _name(values, kind: int, vid: int, extra) -> str:
 def _buffers(prop: Propagation, compiler: Compiler, cache: TimelineCache | None) -> tuple[list[tuple], int]:
     """The timeline as (kind, value, bytes, start, end, extra) tuples, and the last step."""
     g = prop.graph
-    mesh = prop.mesh
     if cache is None:
         fused, alias, library = fused_and_aliased(prop, compiler.library_reduce_elements)
         order = [op for op in g.ops if op.id in g.live_ops]
@@ -181,12 +181,19 @@ def _buffers(prop: Propagation, compiler: Compiler, cache: TimelineCache | None)
             hit = cache.sources[(id(g), id(fused))] = (fused, {})
         memo = hit[1]
         sizes = cache.sizes
-    pinned = {alias.get(v, v) for v in (*g.inputs, *g.outputs)}
+    w = _Walk(prop, compiler, cache, fused, alias, library, memo, sizes)
+    # Per op of a cached propagation: what it does to the timeline, worked out once per (Part,
+    # fusion) (see `_steps`); None where the op is walked in full.
+    steps = _steps(w, prop.parts) if cache is not None and prop.parts else None
 
-    resolutions: dict[int, Resolution] = {}
+    resolutions = w.resolutions
+    if steps is None:
+        maybe = order
+    else:
+        maybe = [g.ops[n] for t in steps[1] for n in t]
     shardings = prop.shardings
     gid = id(g)
-    for op in order:
+    for op in maybe:
         decided = prop.ops[op.id]
         if decided is None or op.rule is None:
             continue  # a loop or branch writes its results as its body leaves them
@@ -219,30 +226,114 @@ def _buffers(prop: Propagation, compiler: Compiler, cache: TimelineCache | None)
     groups = [[cands[m] for m in members] for members in combined]
     groups += [[r] for r in resolutions.values() if r.key is None]
 
-    def size(vid: int, s: Sharding) -> int:
-        key = (gid, vid, s)
-        b = sizes.get(key)
+    w.sliced = _loop_slices(prop, scans, cache)
+    producer = g.producer
+    resolving = {producer[v] for v in resolutions}
+    written, last_read, out = w.written, w.last_read, w.out
+    step = 0
+    nodes = schedule(g, order, groups, compiler.breadth_first, cache.schedules if cache is not None else None)
+    if steps is None:
+        for n in nodes:
+            step = _collective(groups[-1 - n], step, w) if n < 0 else w.visit(n, step)
+    else:
+        entries = steps[0]
+        op_step = w.op_step if compiler.copies_donated_inputs else None
+        for n in nodes:
+            if n < 0:
+                step = _collective(groups[-1 - n], step, w)
+                continue
+            e = entries[n]
+            if e is None or n in resolving:
+                step = w.visit(n, step)
+                continue
+            step += 1
+            reads, outs = e
+            for r in reads:
+                last_read[r] = step
+            for v in outs:
+                written[v] = step
+            if op_step is not None:
+                op_step[n] = step
+    for vid in g.outputs:
+        last_read[alias.get(vid, vid)] = step
+    if compiler.copies_donated_inputs:
+        out += _donated_copies(prop, order, groups, alias, w.op_step, w.size)
+    pinned = w.pinned
+    sliced = w.sliced
+    size = w.size
+    for vid, s in written.items():
+        if vid in fused or vid in pinned or vid in alias or vid not in last_read:
+            continue
+        b = sliced[vid] if vid in sliced else size(vid, shardings[vid])
+        out.append((_VALUE, vid, b, s, max(s, last_read[vid]), None))
+    for (vid, dims), (b, first, last) in w.copies.items():
+        out.append((_COPY, vid, b, first, last, dims))
+    return out, step
+
+
+class _Walk:
+    """The state of one walk of the schedule (see `_buffers`): what each step writes and reads."""
+
+    __slots__ = (
+        "alias",
+        "cache",
+        "compiler",
+        "copies",
+        "fused",
+        "last_read",
+        "library",
+        "memo",
+        "op_step",
+        "out",
+        "partial",
+        "pinned",
+        "prop",
+        "resolutions",
+        "sizes",
+        "sliced",
+        "written",
+    )  # fmt: skip
+
+    def __init__(self, prop, compiler, cache, fused, alias, library, memo, sizes):
+        self.prop = prop
+        self.compiler = compiler
+        self.cache = cache
+        self.fused = fused
+        self.alias = alias
+        self.library = library
+        self.memo = memo
+        self.sizes = sizes
+        g = prop.graph
+        self.pinned = {alias.get(v, v) for v in (*g.inputs, *g.outputs)}
+        self.resolutions: dict[int, Resolution] = {}
+        self.sliced: dict[int, int] = {}  # broadcast value -> the most bytes a reader reads it in
+        self.written: dict[int, int] = {}  # value id -> step its stored buffer is written
+        self.last_read: dict[int, int] = {}  # value id -> last step that reads its stored buffer
+        self.copies: dict[tuple[int, tuple], list] = {}  # (value, dims) -> [bytes, first, last step]
+        self.out: list[tuple] = []
+        self.partial: dict[int, int] = {}  # value id -> index in `out` of the buffer its op writes
+        self.op_step: dict[int, int] = {}
+
+    def size(self, vid: int, s: Sharding) -> int:
+        g = self.prop.graph
+        key = (id(g), vid, s)
+        b = self.sizes.get(key)
         if b is None:
             v = g.values[vid]
-            b = sizes[key] = local_bytes(v.shape, v.itemsize, s, mesh)
+            b = self.sizes[key] = local_bytes(v.shape, v.itemsize, s, self.prop.mesh)
         return b
 
-    step = 0
-    written: dict[int, int] = {}  # value id -> step its stored buffer is written
-    last_read: dict[int, int] = {}  # value id -> last step that reads its stored buffer
-    copies: dict[tuple[int, tuple], list] = {}  # (value, dims) -> [bytes, first step, last step]
-    out: list[tuple] = []
-    partial: dict[int, int] = {}  # value id -> index in `out` of the buffer its op writes
-    op_step: dict[int, int] = {}
-    sliced = _loop_slices(prop, scans, cache)  # broadcast value -> the most bytes a reader reads it in
-    breadth_first = compiler.breadth_first
-    producer = g.producer
-    ops = g.ops
-    for n in schedule(g, order, groups, breadth_first, cache.schedules if cache is not None else None):
-        if n < 0:
-            step = _collective(groups[-1 - n], step, out, partial, written, size, compiler)
-            continue
-        op = ops[n]
+    def visit(self, n: int, step: int) -> int:
+        """Walks op `n` at the step after `step`: the copies of operands it reads resharded, its
+        loop body, the buffers it reads and writes. Returns its step."""
+        prop, cache, compiler = self.prop, self.cache, self.compiler
+        g = prop.graph
+        shardings = prop.shardings
+        fused, alias, copies, last_read, written, sliced = (
+            self.fused, self.alias, self.copies, self.last_read, self.written, self.sliced,
+        )  # fmt: skip
+        size = self.size
+        op = g.ops[n]
         decided = prop.ops[n]
         wants = decided.operands if decided is not None else (None,) * len(op.inputs)
         targets = []
@@ -252,24 +343,16 @@ def _buffers(prop: Propagation, compiler: Compiler, cache: TimelineCache | None)
                 continue
             key = (vid, want.dims)
             if key not in copies:
-                if cache is None:
-                    colls = reshard(g.values[vid], shardings[vid], Sharding(want.dims), mesh)[0]
-                else:
-                    moves = (gid, vid, shardings[vid], want)
-                    colls = cache.moves.get(moves)
-                    if colls is None:
-                        colls = cache.moves[moves] = bool(
-                            reshard(g.values[vid], shardings[vid], Sharding(want.dims), mesh)[0]
-                        )
-                if not colls and vid in fused:
-                    if op.id in library:
+                moves = _moves(prop, vid, want, cache)
+                if not moves and vid in fused:
+                    if op.id in self.library:
                         # A library reads the slice: the value's producer writes it (see fusion).
                         copies[key] = [size(vid, want), written[vid], written[vid]]
                         targets.append(key)
                         continue
                     targets.append(None)  # a local slice of a fused value fuses too
                     continue
-                if not colls and vid in producer and g.ops[producer[vid]].primitive in GENERATED:
+                if not moves and vid in g.producer and g.ops[g.producer[vid]].primitive in GENERATED:
                     # A slice of a broadcast or iota is a smaller one: made at the size read.
                     sliced[vid] = max(sliced.get(vid, 0), size(vid, want))
                     targets.append(None)
@@ -280,16 +363,16 @@ def _buffers(prop: Propagation, compiler: Compiler, cache: TimelineCache | None)
                 last_read[root] = max(last_read.get(root, 0), step)
             targets.append(key)
         step += 1
-        op_step[op.id] = step
+        self.op_step[op.id] = step
         subs = prop.bodies.get(op.id)
         if subs:  # a loop or branch: its body's own peak while it runs
             inner = max(_body_peak(sub, compiler, cache) for sub in subs)
-            out.append((_BODY, -1, inner, step, step, op.primitive))
+            self.out.append((_BODY, -1, inner, step, step, op.primitive))
         for vid, key, want in zip(op.inputs, targets, wants, strict=True):
             if key is not None:
                 copies[key][2] = step
             elif vid in fused:  # recomputed here from its operands, which must still be live
-                for s in fused_sources(g, vid, fused, alias, memo):
+                for s in fused_sources(g, vid, fused, alias, self.memo):
                     last_read[s] = step
             else:
                 last_read[alias.get(vid, vid)] = step
@@ -299,24 +382,92 @@ def _buffers(prop: Propagation, compiler: Compiler, cache: TimelineCache | None)
         for vid in op.outputs:
             # A scan's stacked outputs are loop-state buffers filled from zeros, which depend on
             # nothing: a breadth-first schedule makes them at the start.
-            written[vid] = 1 if breadth_first and vid in stacked else step
-            r = resolutions.get(vid)
+            written[vid] = 1 if compiler.breadth_first and vid in stacked else step
+            r = self.resolutions.get(vid)
             if r is not None:
                 # The buffer the op writes, until the collective that reads it (set below).
-                partial[vid] = len(out)
-                out.append((_WRITTEN, vid, size(vid, Sharding(r.produced.dims)), step, step, None))
-    for vid in g.outputs:
-        last_read[alias.get(vid, vid)] = step
-    if compiler.copies_donated_inputs:
-        out += _donated_copies(prop, order, groups, alias, op_step, size)
-    for vid, s in written.items():
-        if vid in fused or vid in pinned or vid in alias or vid not in last_read:
+                self.partial[vid] = len(self.out)
+                self.out.append((_WRITTEN, vid, size(vid, Sharding(r.produced.dims)), step, step, None))
+        return step
+
+
+def _moves(prop: Propagation, vid: int, want: Sharding, cache: TimelineCache | None) -> bool:
+    """Whether reading value `vid` as `want` takes a collective (else it is a local slice)."""
+    g = prop.graph
+    have = prop.shardings[vid]
+    if cache is None:
+        return bool(reshard(g.values[vid], have, Sharding(want.dims), prop.mesh)[0])
+    key = (id(g), vid, have, want)
+    colls = cache.moves.get(key)
+    if colls is None:
+        colls = cache.moves[key] = bool(reshard(g.values[vid], have, Sharding(want.dims), prop.mesh)[0])
+    return colls
+
+
+def _steps(w: _Walk, parts: tuple[Part, ...]) -> tuple[list, list[tuple[int, ...]]]:
+    """(per op id: (buffers it reads, values it writes) or None, per part: the live ops whose
+    results may be resolved). A part's steps are worked out the second time it is walked under
+    a fusion (see `_part_steps`); the first time, its ops are walked in full."""
+    cache = w.cache
+    live = w.prop.graph.live_ops
+    entries: list = []
+    resolvable = []
+    for part in parts:
+        key = (id(part), id(w.fused))
+        hit = cache.steps.get(key)
+        if hit is None or hit[0] is not part or hit[1] is not w.fused:
+            span = part.span
+            hit = cache.steps[key] = (
+                part,
+                w.fused,
+                (None,) * (span.stop - span.start),
+                tuple(n for n in part.rewritten if n in live),
+                False,
+            )
+        elif not hit[4]:
+            hit = cache.steps[key] = (part, w.fused, _part_steps(w, part), hit[3], True)
+        entries.extend(hit[2])
+        resolvable.append(hit[3])
+    return entries, resolvable
+
+
+def _part_steps(w: _Walk, part: Part) -> tuple:
+    """What each op of a part does to the timeline when nothing about it is special: the buffers
+    it reads (through fused values and aliases; buffers only) and the values it writes. Special
+    ops (None) are walked in full: loops and branches, ops that read an operand resharded or a
+    broadcast (whose slices may be made smaller). A part fixes its ops' decisions and the
+    shardings of everything they read, so this holds in any plan the part is in, under one
+    fusion (fused values and aliases)."""
+    prop, fused, alias, memo = w.prop, w.fused, w.alias, w.memo
+    g = prop.graph
+    shardings = prop.shardings
+    producer = g.producer
+    ops = g.ops
+    pinned = w.pinned
+    keep_fused = bool(w.compiler.library_reduce_elements)  # a library copy needs their steps
+    span = part.span
+    entries = []
+    for op, decided in zip(ops[span.start : span.stop], part.ops, strict=True):
+        if decided is None or op.body:
+            entries.append(None)
             continue
-        b = sliced[vid] if vid in sliced else size(vid, shardings[vid])
-        out.append((_VALUE, vid, b, s, max(s, last_read[vid]), None))
-    for (vid, dims), (b, first, last) in copies.items():
-        out.append((_COPY, vid, b, first, last, dims))
-    return out, step
+        reads: dict[int, None] = {}
+        for vid, want in zip(op.inputs, decided.operands, strict=True):
+            if want.dims != shardings[vid].dims:
+                break
+            if vid in fused:
+                reads.update(dict.fromkeys(fused_sources(g, vid, fused, alias, memo)))
+            elif vid in producer and ops[producer[vid]].primitive in GENERATED:
+                break
+            else:
+                reads[alias.get(vid, vid)] = None
+        else:
+            roots = tuple(r for r in reads if r in producer and r not in fused and r not in pinned)
+            outs = tuple(v for v in op.outputs if keep_fused or not (v in fused or v in pinned or v in alias))
+            entries.append((roots, outs))
+            continue
+        entries.append(None)
+    return tuple(entries)
 
 
 def _body_peak(sub: Propagation, compiler: Compiler, cache: TimelineCache | None) -> int:
@@ -391,34 +542,27 @@ def _slices(prop: Propagation, op: Op, sub: Propagation) -> list[tuple[int, int]
     return out
 
 
-def _collective(
-    group: list[Resolution],
-    step: int,
-    out: list[tuple],
-    partial: dict[int, int],
-    written: dict[int, int],
-    size: Callable[[int, Sharding], int],
-    compiler: Compiler,
-) -> int:
+def _collective(group: list[Resolution], step: int, w: _Walk) -> int:
     """Appends the buffers of one (combined) collective at the next step; returns the last step."""
     step += 1
+    out = w.out
     if len(group) > 1:  # a tuple-shaped collective: its table of pointers
-        out.append((_TUPLE, -1, compiler.pointer_bytes * len(group), step, step, None))
+        out.append((_TUPLE, -1, w.compiler.pointer_bytes * len(group), step, step, None))
     sliced = False
     for r in group:
         vid = r.value
-        kind, v, b, start, _, extra = out[partial[vid]]
-        out[partial[vid]] = (kind, v, b, start, step, extra)
-        written[vid] = step
+        kind, v, b, start, _, extra = out[w.partial[vid]]
+        out[w.partial[vid]] = (kind, v, b, start, step, extra)
+        w.written[vid] = step
         if (
-            compiler.reduce_scatter_as_all_reduce
+            w.compiler.reduce_scatter_as_all_reduce
             and r.key
             and r.collectives[0].kind is CollectiveKind.REDUCE_SCATTER
         ):
             # An all-reduce at the written size, then this device's slice one step on.
-            full = size(vid, Sharding(r.produced.dims))
+            full = w.size(vid, Sharding(r.produced.dims))
             out.append((_REDUCED, vid, full, step, step + 1, None))
-            written[vid] = step + 1
+            w.written[vid] = step + 1
             sliced = True
     return step + sliced
 

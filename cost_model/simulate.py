@@ -178,6 +178,7 @@ class Simulator:
             + len(t.schedules)
             + len(t.fusion)
             + len(t.sources)
+            + len(t.steps)
         )
 
     def report(self, prop: Propagation, top_ops: int = 10) -> CostReport:

@@ -115,6 +115,8 @@ class Part:
         its pending sum is resolved or None). A read another span already made costs nothing.
       inside_reads: (value, sharding read) of the span's exported values it read itself.
       bodies: op id -> body propagations of the span's loops and branches.
+      rewritten: ids of the span's ops whose results are not stored as the op writes them (a
+        pending sum, or a constraint that lays them out otherwise).
     """
 
     span: _Span
@@ -125,6 +127,7 @@ class Part:
     outside: tuple[tuple[int, int, int, Sharding, Sharding | None], ...]
     inside_reads: tuple[tuple[int, Sharding], ...]
     bodies: tuple[tuple[int, tuple[Propagation, ...]], ...]
+    rewritten: tuple[int, ...] = ()
 
 
 # Ops per span: long enough that replaying a span is much cheaper than propagating it, short
@@ -165,7 +168,7 @@ class PropagationCache:
         self.parts: dict[tuple, Part] = {}
         self.spans: dict[int, tuple[tuple[_Span, ...], frozenset[int]]] = {}
         self._live: dict[int, tuple[Graph, tuple[bool, ...]]] = {}
-        self._constants: dict[int, tuple[Graph, tuple[int, ...]]] = {}
+        self._constants: dict[int, tuple[Graph, tuple[Sharding | None, ...]]] = {}
         self._keys: dict[tuple[int, frozenset[int]], int] = {}
         self._alive: list[Graph] = []  # graphs whose ids are in keys
 
@@ -188,10 +191,12 @@ class PropagationCache:
             hit = self.spans[k] = (_spans(graph), frozenset(derived))
         return hit
 
-    def constants(self, graph: Graph) -> tuple[int, ...]:
+    def start(self, graph: Graph) -> tuple[Sharding | None, ...]:
+        """Per value, replicated for the constants (values no op makes), else None: where every
+        propagation of the graph starts before its inputs are set."""
         hit = self._constants.get(id(graph))
         if hit is None or hit[0] is not graph:
-            hit = self._constants[id(graph)] = (graph, _constants(graph))
+            hit = self._constants[id(graph)] = (graph, _start(graph))
         return hit[1]
 
     def live(self, graph: Graph) -> tuple[bool, ...]:
@@ -204,9 +209,9 @@ class PropagationCache:
         return len(self.ops) + len(self.reads) + len(self.bodies) + len(self.parts)
 
 
-def _constants(graph: Graph) -> tuple[int, ...]:
-    """Values no op makes: inputs and constants (replicated unless the inputs say otherwise)."""
-    return tuple(v.id for v in graph.values if v.id not in graph.producer)
+def _start(graph: Graph) -> tuple[Sharding | None, ...]:
+    """Values no op makes (inputs and constants) replicated, the others None."""
+    return tuple(None if v.id in graph.producer else Sharding.replicated(v.rank) for v in graph.values)
 
 
 def _live(graph: Graph) -> tuple[bool, ...]:
@@ -258,7 +263,7 @@ class _Propagator:
         self.g = graph
         self.mesh = mesh
         self.constraint = constraint
-        self.cur: list[Sharding | None] = [None] * len(graph.values)
+        self.cur: list[Sharding | None] = []  # per value id, its sharding so far (set by run)
         self.ops: list[OpSharding | None] = [None] * len(graph.ops)
         self.colls: list[Collective] = []
         self.bodies: dict[int, tuple[Propagation, ...]] = {}
@@ -272,6 +277,7 @@ class _Propagator:
         self.gkey = cache.graph_key(graph, batch_inputs) if cache is not None else None
         self.spans: tuple[_Span, ...] = ()
         self.parts: list[Part] = []
+        self.rewritten: list[int] = []  # ops whose results are not stored as written (see Part)
         self.outside: list | None = None  # while a span is recorded: its reads of earlier values
         self.before: frozenset[int] | set[int] = frozenset()  # ... and the values that are earlier
         if cache is not None:
@@ -286,11 +292,12 @@ class _Propagator:
 
     def run(self, inputs: Mapping[int, Sharding], outputs: Mapping[int, Sharding]) -> Propagation:
         g = self.g
+        # Inputs and constants start replicated; the inputs given are set over them.
+        self.cur = cur = list(self.cache.start(g) if self.cache is not None else _start(g))
         for vid in g.inputs:
-            self.cur[vid] = inputs.get(vid) or Sharding.replicated(g.values[vid].rank)
-        for vid in self.cache.constants(g) if self.cache is not None else _constants(g):
-            if self.cur[vid] is None:
-                self.cur[vid] = Sharding.replicated(g.values[vid].rank)
+            s = inputs.get(vid)
+            if s:
+                cur[vid] = s
         if self.spans:
             for span in self.spans:
                 self._span(span)
@@ -306,7 +313,13 @@ class _Propagator:
             self._read(vid, want)
             returned.append(want)
         live = self.cache.live(g) if self.cache is not None else _live(g)
-        shardings = tuple(Sharding(s.dims) if s.partial else s for s in self.cur)
+        # Values still pending a sum at the end are stored reduced (only those with sum groups
+        # were ever partial).
+        for vid in self.sum_groups:
+            s = cur[vid]
+            if s.partial:
+                cur[vid] = Sharding(s.dims)
+        shardings = tuple(cur)
         return Propagation(
             g,
             self.mesh,
@@ -358,6 +371,7 @@ class _Propagator:
                 tuple(self.outside),
                 tuple(inside),
                 tuple((i, self.bodies[i]) for i in range(span.start, span.stop) if i in self.bodies),
+                tuple(i for i in self.rewritten if span.start <= i < span.stop),
             )
         finally:
             self.colls, self.memo = colls, memo
@@ -406,6 +420,8 @@ class _Propagator:
             if key is not None:
                 self.cache.ops[key] = decided
         decision, results, groups = decided
+        if groups or any(t is not None and t != r for t, r in zip(targets, results, strict=True)):
+            self.rewritten.append(op.id)
         for vid, want in zip(op.inputs, decision.operands, strict=True):
             self._read(vid, want)
         for k, vid in enumerate(op.outputs):
