@@ -131,8 +131,9 @@ class Part:
 
 
 # Ops per span: long enough that replaying a span is much cheaper than propagating it, short
-# enough that a change of one input leaves most spans of a step entered as before.
-SPAN_OPS = 16
+# enough that a change of one input leaves most spans of a step entered as before. 8 measured
+# best of 4, 6, 8, 12, 16 on Llama-8B one-decision changes (benchmarks/sim_speed.py).
+SPAN_OPS = 8
 
 
 def _spans(graph: Graph) -> tuple[_Span, ...]:
