@@ -229,7 +229,7 @@ def _buffers(prop: Propagation, compiler: Compiler, cache: TimelineCache | None)
     w.sliced = _loop_slices(prop, scans, cache)
     producer = g.producer
     resolving = {producer[v] for v in resolutions}
-    written, last_read, out = w.written, w.last_read, w.out
+    written, last_read, out, copies = w.written, w.last_read, w.out, w.copies
     step = 0
     nodes = schedule(g, order, groups, compiler.breadth_first, cache.schedules if cache is not None else None)
     if steps is None:
@@ -246,8 +246,19 @@ def _buffers(prop: Propagation, compiler: Compiler, cache: TimelineCache | None)
             if e is None or n in resolving:
                 step = w.visit(n, step)
                 continue
-            step += 1
-            reads, outs = e
+            reads, outs, copied = e
+            if copied:  # each operand read resharded: a copy made the first time (key), else reused
+                for key, b, root in copied:
+                    if key not in copies:
+                        step += 1
+                        copies[key] = [b, step, step]
+                        if root is not None:
+                            last_read[root] = step
+                step += 1
+                for key, _, _ in copied:
+                    copies[key][2] = step
+            else:
+                step += 1
             for r in reads:
                 last_read[r] = step
             for v in outs:
@@ -433,11 +444,12 @@ def _steps(w: _Walk, parts: tuple[Part, ...]) -> tuple[list, list[tuple[int, ...
 
 def _part_steps(w: _Walk, part: Part) -> tuple:
     """What each op of a part does to the timeline when nothing about it is special: the buffers
-    it reads (through fused values and aliases; buffers only) and the values it writes. Special
-    ops (None) are walked in full: loops and branches, ops that read an operand resharded or a
-    broadcast (whose slices may be made smaller). A part fixes its ops' decisions and the
-    shardings of everything they read, so this holds in any plan the part is in, under one
-    fusion (fused values and aliases)."""
+    it reads (through fused values and aliases; buffers only), the values it writes, and the
+    copies of operands it reads resharded ((value, dims), bytes, the buffer copied or None).
+    Special ops (None) are walked in full: loops and branches, ops that read a broadcast (whose
+    slices may be made smaller) or a local slice of a fused value. A part fixes its ops'
+    decisions and the shardings of everything they read, so this holds in any plan the part is
+    in, under one fusion (fused values and aliases)."""
     prop, fused, alias, memo = w.prop, w.fused, w.alias, w.memo
     g = prop.graph
     shardings = prop.shardings
@@ -452,10 +464,16 @@ def _part_steps(w: _Walk, part: Part) -> tuple:
             entries.append(None)
             continue
         reads: dict[int, None] = {}
+        copied = []
         for vid, want in zip(op.inputs, decided.operands, strict=True):
             if want.dims != shardings[vid].dims:
-                break
-            if vid in fused:
+                generated = vid in producer and ops[producer[vid]].primitive in GENERATED
+                if not _moves(prop, vid, want, w.cache) and (vid in fused or generated):
+                    break
+                root = alias.get(vid, vid)
+                keep = root in producer and root not in fused and root not in pinned
+                copied.append(((vid, want.dims), w.size(vid, want), root if keep else None))
+            elif vid in fused:
                 reads.update(dict.fromkeys(fused_sources(g, vid, fused, alias, memo)))
             elif vid in producer and ops[producer[vid]].primitive in GENERATED:
                 break
@@ -464,7 +482,7 @@ def _part_steps(w: _Walk, part: Part) -> tuple:
         else:
             roots = tuple(r for r in reads if r in producer and r not in fused and r not in pinned)
             outs = tuple(v for v in op.outputs if keep_fused or not (v in fused or v in pinned or v in alias))
-            entries.append((roots, outs))
+            entries.append((roots, outs, tuple(copied)))
             continue
         entries.append(None)
     return tuple(entries)

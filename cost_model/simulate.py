@@ -157,7 +157,7 @@ class Simulator:
         self._bodies: dict[int, tuple[Propagation, _Compute]] = {}
         self._parts: dict[int, tuple[Part, tuple]] = {}
         self._coll: dict[Collective, tuple[float, str]] = {}
-        self._fused: dict[int, tuple[Graph, frozenset[int]]] = {}
+        self._fused: dict[int, tuple[Graph, frozenset[int], tuple[int, ...]]] = {}  # fused, cost kinds
         self._roles: dict[int, dict[str, Role]] = {}
         self.timelines = TimelineCache()
 
@@ -195,13 +195,28 @@ class Simulator:
     # -- parts -------------------------------------------------------------------------------------
 
     def _op(self, g: Graph, op, factors) -> tuple[OpCost, float, int]:
-        """(cost of one execution, roofline seconds, phase: 0 forward, 1 backward, 2 other)."""
-        key = (id(g), op.id, factors)
+        """(cost of one execution, roofline seconds, phase: 0 forward, 1 backward, 2 other).
+
+        Ops of one kind (`Graph.op_kinds`) whose operands and results are alike fused cost alike:
+        one entry serves them all (the OpCost names the first op of the kind costed)."""
+        f = self._fused.get(id(g))
+        if f is None or f[0] is not g:
+            fused = fused_values(g)
+            kinds: dict[tuple, int] = {}
+            f = self._fused[id(g)] = (
+                g,
+                fused,
+                tuple(
+                    kinds.setdefault(
+                        (k, tuple(v in fused for v in o.inputs), tuple(v in fused for v in o.outputs)),
+                        len(kinds),
+                    )
+                    for k, o in zip(g.op_kinds, g.ops, strict=True)
+                ),
+            )
+        key = (id(g), f[2][op.id], factors)
         hit = self._op_seconds.get(key)
         if hit is None:
-            f = self._fused.get(id(g))
-            if f is None:
-                f = self._fused[id(g)] = (g, fused_values(g))
             cost = op_cost(g, op, factors, self.topo.mesh, f[1])
             dev = self.hw.device
             peak = device_rate(dev, g, op, cost.primitive) if cost.flops else 1.0

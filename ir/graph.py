@@ -158,6 +158,33 @@ class Graph:
                 needed.update(op.inputs)
         return frozenset(live)
 
+    @functools.cached_property
+    def op_kinds(self) -> tuple[int, ...]:
+        """Per op id, a small int naming its kind: ops of one kind do the same computation on
+        alike values (primitive, parameters, rule, operand and result shapes and dtypes, remat,
+        autodiff phase), as the layers of an unrolled model do. Loops and branches are each of
+        a kind of their own. Caches of per-op results that depend on nothing else key by kind."""
+        kinds: dict[tuple, int] = {}
+        out = []
+        for op in self.ops:
+            try:
+                key = (
+                    op.primitive,
+                    tuple(sorted(op.params.items())),
+                    op.rule,
+                    tuple((self.values[v].shape, self.values[v].dtype) for v in op.inputs),
+                    tuple((self.values[v].shape, self.values[v].dtype) for v in op.outputs),
+                    op.remat,
+                    "transpose(" in op.scope,
+                    "jvp(" in op.scope,
+                    op.id if op.body else -1,
+                )
+                hash(key)
+            except TypeError:  # a parameter that cannot be compared: a kind of its own
+                key = ("op", op.id)
+            out.append(kinds.setdefault(key, len(kinds)))
+        return tuple(out)
+
     def walk(self):
         """Yields (graph, op, multiplier) over this graph and every nested body.
 

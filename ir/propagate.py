@@ -167,7 +167,7 @@ class PropagationCache:
         self.reads: dict[tuple, tuple[list[Collective], Sharding]] = {}
         self.bodies: dict[tuple, Propagation] = {}
         self.parts: dict[tuple, Part] = {}
-        self.spans: dict[int, tuple[tuple[_Span, ...], frozenset[int]]] = {}
+        self.spans: dict[int, tuple[tuple[_Span, ...], frozenset[int], tuple[int, ...]]] = {}
         self._live: dict[int, tuple[Graph, tuple[bool, ...]]] = {}
         self._constants: dict[int, tuple[Graph, tuple[Sharding | None, ...]]] = {}
         self._keys: dict[tuple[int, frozenset[int]], int] = {}
@@ -180,8 +180,12 @@ class PropagationCache:
             self._alive.append(graph)
         return self._keys[k]
 
-    def layout(self, graph: Graph, batch: frozenset[int]) -> tuple[tuple[_Span, ...], frozenset[int]]:
-        """The graph's spans, and the values derived from `batch` (both fixed by the graph)."""
+    def layout(
+        self, graph: Graph, batch: frozenset[int]
+    ) -> tuple[tuple[_Span, ...], frozenset[int], tuple[int, ...]]:
+        """The graph's spans, the values derived from `batch`, and per op its kind for decisions:
+        ops of one `Graph.op_kinds` kind whose operands are alike derived from the batch decide
+        alike (all fixed by the graph)."""
         k = self.graph_key(graph, batch)
         hit = self.spans.get(k)
         if hit is None:
@@ -189,7 +193,13 @@ class PropagationCache:
             for op in graph.ops:
                 if any(i in derived for i in op.inputs):
                     derived.update(op.outputs)
-            hit = self.spans[k] = (_spans(graph), frozenset(derived))
+            kinds: dict[tuple, int] = {}
+            op_kinds = graph.op_kinds
+            decides = tuple(
+                kinds.setdefault((op_kinds[op.id], tuple(i in derived for i in op.inputs)), len(kinds))
+                for op in graph.ops
+            )
+            hit = self.spans[k] = (_spans(graph), frozenset(derived), decides)
         return hit
 
     def start(self, graph: Graph) -> tuple[Sharding | None, ...]:
@@ -281,8 +291,9 @@ class _Propagator:
         self.rewritten: list[int] = []  # ops whose results are not stored as written (see Part)
         self.outside: list | None = None  # while a span is recorded: its reads of earlier values
         self.before: frozenset[int] | set[int] = frozenset()  # ... and the values that are earlier
+        self.kinds: tuple[int, ...] = ()
         if cache is not None:
-            self.spans, self.batch = cache.layout(graph, batch_inputs)
+            self.spans, self.batch, self.kinds = cache.layout(graph, batch_inputs)
         else:
             self.batch = set(batch_inputs)
             for op in graph.ops:
@@ -414,7 +425,8 @@ class _Propagator:
             if self.constraint
             else (None,) * len(op.outputs)
         )
-        key = (self.gkey, op.id, ins, targets) if self.cache is not None else None
+        # Ops of a kind decide alike on alike operands: one entry serves every layer of a model.
+        key = (self.gkey, self.kinds[op.id], ins, targets) if self.cache is not None else None
         decided = self.cache.ops.get(key) if key is not None else None
         if decided is None:
             decided = self._decide(op, ins, targets)

@@ -103,12 +103,17 @@ def _flat(prop):
     return out
 
 
-@pytest.mark.parametrize("source", ["builtin:gpt:tiny", "builtin:llama:tiny:scan", "builtin:moe:tiny"])
+@pytest.mark.parametrize(
+    "source", ["builtin:gpt:tiny", "builtin:llama:tiny:scan", "builtin:llama:tiny", "builtin:moe:tiny"]
+)
 @pytest.mark.parametrize("hardware", ["h100", "cpu"])
 def test_cached_evaluation_is_exactly_a_fresh_one(source, hardware):
-    # A searcher's evaluations replay cached spans of propagation and memoised timeline pieces;
+    # A searcher's evaluations replay cached spans of propagation and memoised timeline pieces,
+    # and share decisions and op costs between ops of a kind (the layers of an unrolled model);
     # every plan must come out as a fresh propagation and a fresh simulator price it, to the bit.
     import random
+
+    from cost_model.compute import op_costs
 
     from auto_partition.workloads import resolve
     from cost_model.hardware import load_hardware
@@ -139,6 +144,8 @@ def test_cached_evaluation_is_exactly_a_fresh_one(source, hardware):
         assert _flat(cached) == _flat(fresh)
         report = Simulator(hw, topo).report(fresh)
         assert ev.simulator.step_time_and_peak(cached) == (report.step_time, report.memory.peak)
+        # ... and every op costed on its own comes to the same FLOPs.
+        assert report.flops == pytest.approx(sum(c.flops * c.count for c in op_costs(fresh)), rel=1e-12)
     clear_shared()
 
 
