@@ -7,7 +7,9 @@ decision space the searchers share (search.space). Three ways of evaluating:
   plan already scored is skipped, so every evaluation is new). Caches are shared, as in a
   searcher's inner loop. The rate is given over the whole walk and over its second half (warm).
 - random-shared: independent random plans, caches shared.
-- full-cold: independent random plans, each with fresh caches (nothing reused between plans).
+- full-cold: independent random plans, each with fresh caches: nothing worked out for an earlier
+  plan is reused. Analyses of the graph alone (spans, op kinds, fusible values: `Graph.derived`)
+  are made once per graph, as the trace is.
 
 Each evaluation is what `search.evaluate.Evaluator.score` does: input shardings -> propagation ->
 step time and per-device peak memory. One process, one core. Prints a table and writes

@@ -50,17 +50,16 @@ GENERATED = frozenset(("broadcast_in_dim", "iota"))
 
 
 class FusionCache:
-    """Memo tables for `fused_and_aliased` over many propagations of the same graphs: the ops
-    that may alias per graph, local element counts by (graph, value, sharding), and the fused
-    set by (graph, aliases, library ops, library slices). Entries keep their graph alive."""
+    """Memo tables for `fused_and_aliased` over many propagations of the same graphs: local
+    element counts by (graph, value, sharding), and the fused set by (graph, aliases, library
+    ops, library slices). Entries keep their graph alive."""
 
     def __init__(self):
-        self.alias_ops: dict[int, tuple] = {}
         self.elements: dict[tuple, int] = {}
         self.fused: dict[tuple, tuple] = {}
 
     def __len__(self) -> int:
-        return len(self.alias_ops) + len(self.elements) + len(self.fused)
+        return len(self.elements) + len(self.fused)
 
 
 def fused_and_aliased(
@@ -116,13 +115,7 @@ def fused_and_aliased(
             ):
                 library.add(op.id)
     alias: dict[int, int] = {}
-    candidates = None
-    if memo is not None:
-        hit = memo.alias_ops.get(id(g))
-        if hit is None or hit[0] is not g:
-            hit = memo.alias_ops[id(g)] = (g, _alias_ops(g))
-        candidates = hit[1]
-    for op in candidates if candidates is not None else _alias_ops(g):
+    for op in g.derived("fusion.alias_ops", _alias_ops):
         decided = prop.ops[op.id]
         if decided is None:
             continue

@@ -97,22 +97,21 @@ class TimelineCache:
         self.body_peaks: dict[int, tuple[Propagation, int]] = {}
         self.fusion = FusionCache()
         self.sources: dict[tuple, tuple] = {}  # (graph, fused set) -> (fused set, memo)
-        self.graphs: dict[int, tuple[Graph, list[Op], list[Op]]] = {}
         self.resolutions: dict[tuple, tuple] = {}
         self.combined: dict[tuple, list[list[int]]] = {}
         self.schedules: dict[tuple, list[int]] = {}
         self.sizes: dict[tuple, int] = {}
         self.slices: dict[tuple, tuple] = {}
-        self.moves: dict[tuple, bool] = {}  # (graph, value, have, want) -> whether a collective moves it
+        self.moves: dict[tuple, bool] = {}  # (shape, dtype, have, want) -> whether a collective moves it
         self.steps: dict[tuple, tuple] = {}  # (part, fused set) -> what its ops do (see _part_steps)
 
     def graph(self, g: Graph) -> tuple[list[Op], list[Op]]:
         """(live ops in program order, scan ops)."""
-        hit = self.graphs.get(id(g))
-        if hit is None or hit[0] is not g:
-            order = [op for op in g.ops if op.id in g.live_ops]
-            hit = self.graphs[id(g)] = (g, order, [op for op in g.ops if op.primitive == "scan"])
-        return hit[1], hit[2]
+        return g.derived("liveness.order", _order)
+
+
+def _order(g: Graph) -> tuple[list[Op], list[Op]]:
+    return [op for op in g.ops if op.id in g.live_ops], [op for op in g.ops if op.primitive == "scan"]
 
 
 def timeline(
@@ -408,10 +407,11 @@ def _moves(prop: Propagation, vid: int, want: Sharding, cache: TimelineCache | N
     have = prop.shardings[vid]
     if cache is None:
         return bool(reshard(g.values[vid], have, Sharding(want.dims), prop.mesh)[0])
-    key = (id(g), vid, have, want)
+    v = g.values[vid]
+    key = (v.shape, v.dtype, have, want)  # values of one shape and dtype move alike
     colls = cache.moves.get(key)
     if colls is None:
-        colls = cache.moves[key] = bool(reshard(g.values[vid], have, Sharding(want.dims), prop.mesh)[0])
+        colls = cache.moves[key] = bool(reshard(v, have, Sharding(want.dims), prop.mesh)[0])
     return colls
 
 

@@ -153,11 +153,10 @@ class Simulator:
         self.topo = topo
         self.overlap = overlap
         self.compiler = compiler_for(hardware.name)
-        self._op_seconds: dict[tuple[int, int, tuple], tuple[OpCost, float, int]] = {}
+        self._op_seconds: dict[tuple[Graph, int, tuple], tuple[OpCost, float, int]] = {}
         self._bodies: dict[int, tuple[Propagation, _Compute]] = {}
         self._parts: dict[int, tuple[Part, tuple]] = {}
         self._coll: dict[Collective, tuple[float, str]] = {}
-        self._fused: dict[int, tuple[Graph, frozenset[int], tuple[int, ...]]] = {}  # fused, cost kinds
         self._roles: dict[int, dict[str, Role]] = {}
         self.timelines = TimelineCache()
 
@@ -199,25 +198,11 @@ class Simulator:
 
         Ops of one kind (`Graph.op_kinds`) whose operands and results are alike fused cost alike:
         one entry serves them all (the OpCost names the first op of the kind costed)."""
-        f = self._fused.get(id(g))
-        if f is None or f[0] is not g:
-            fused = fused_values(g)
-            kinds: dict[tuple, int] = {}
-            f = self._fused[id(g)] = (
-                g,
-                fused,
-                tuple(
-                    kinds.setdefault(
-                        (k, tuple(v in fused for v in o.inputs), tuple(v in fused for v in o.outputs)),
-                        len(kinds),
-                    )
-                    for k, o in zip(g.op_kinds, g.ops, strict=True)
-                ),
-            )
-        key = (id(g), f[2][op.id], factors)
+        fused, kinds = g.derived("simulate.cost_kinds", _cost_kinds)
+        key = (g, kinds[op.id], factors)  # the key keeps the graph alive
         hit = self._op_seconds.get(key)
         if hit is None:
-            cost = op_cost(g, op, factors, self.topo.mesh, f[1])
+            cost = op_cost(g, op, factors, self.topo.mesh, fused)
             dev = self.hw.device
             peak = device_rate(dev, g, op, cost.primitive) if cost.flops else 1.0
             t = roofline_time(cost.flops, cost.bytes, peak, dev.memory_bandwidth)
@@ -340,6 +325,19 @@ class Simulator:
             collectives=by_key,
             ops=op_rows,
         )
+
+
+def _cost_kinds(g: Graph) -> tuple[frozenset[int], tuple[int, ...]]:
+    """(the graph's fused values, per op a kind: ops of one `Graph.op_kinds` kind whose operands
+    and results are alike fused cost alike)."""
+    fused = fused_values(g)
+    kinds: dict[tuple, int] = {}
+    return fused, tuple(
+        kinds.setdefault(
+            (k, tuple(v in fused for v in op.inputs), tuple(v in fused for v in op.outputs)), len(kinds)
+        )
+        for k, op in zip(g.op_kinds, g.ops, strict=True)
+    )
 
 
 def device_rate(device: DeviceSpec, graph: Graph, op: Op, primitive: str) -> float:

@@ -6,7 +6,7 @@ import dataclasses
 import enum
 import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Hashable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -157,6 +157,15 @@ class Graph:
                 live.add(op.id)
                 needed.update(op.inputs)
         return frozenset(live)
+
+    def derived(self, key: Hashable, make: Callable[[Graph], Any]) -> Any:
+        """`make(self)`, computed once per key: analyses that depend on the graph alone (a cost
+        model's fusible values, propagation's spans) kept with it, so every plan, search and
+        mesh of the graph shares them."""
+        memo = self.__dict__.setdefault("_derived", {})
+        if key not in memo:
+            memo[key] = make(self)
+        return memo[key]
 
     @functools.cached_property
     def op_kinds(self) -> tuple[int, ...]:

@@ -165,11 +165,9 @@ class PropagationCache:
     def __init__(self):
         self.ops: dict[tuple, tuple] = {}
         self.reads: dict[tuple, tuple[list[Collective], Sharding]] = {}
+        self.reshards: dict[tuple, tuple[list[Collective], Sharding]] = {}  # by (shape, dtype, ...)
         self.bodies: dict[tuple, Propagation] = {}
         self.parts: dict[tuple, Part] = {}
-        self.spans: dict[int, tuple[tuple[_Span, ...], frozenset[int], tuple[int, ...]]] = {}
-        self._live: dict[int, tuple[Graph, tuple[bool, ...]]] = {}
-        self._constants: dict[int, tuple[Graph, tuple[Sharding | None, ...]]] = {}
         self._keys: dict[tuple[int, frozenset[int]], int] = {}
         self._alive: list[Graph] = []  # graphs whose ids are in keys
 
@@ -185,39 +183,33 @@ class PropagationCache:
     ) -> tuple[tuple[_Span, ...], frozenset[int], tuple[int, ...]]:
         """The graph's spans, the values derived from `batch`, and per op its kind for decisions:
         ops of one `Graph.op_kinds` kind whose operands are alike derived from the batch decide
-        alike (all fixed by the graph)."""
-        k = self.graph_key(graph, batch)
-        hit = self.spans.get(k)
-        if hit is None:
-            derived = set(batch)
-            for op in graph.ops:
-                if any(i in derived for i in op.inputs):
-                    derived.update(op.outputs)
-            kinds: dict[tuple, int] = {}
-            op_kinds = graph.op_kinds
-            decides = tuple(
-                kinds.setdefault((op_kinds[op.id], tuple(i in derived for i in op.inputs)), len(kinds))
-                for op in graph.ops
-            )
-            hit = self.spans[k] = (_spans(graph), frozenset(derived), decides)
-        return hit
+        alike (all fixed by the graph: kept with it)."""
+        return graph.derived(("propagate.layout", batch), lambda g: _layout(g, batch))
 
     def start(self, graph: Graph) -> tuple[Sharding | None, ...]:
         """Per value, replicated for the constants (values no op makes), else None: where every
         propagation of the graph starts before its inputs are set."""
-        hit = self._constants.get(id(graph))
-        if hit is None or hit[0] is not graph:
-            hit = self._constants[id(graph)] = (graph, _start(graph))
-        return hit[1]
+        return graph.derived("propagate.start", _start)
 
     def live(self, graph: Graph) -> tuple[bool, ...]:
-        hit = self._live.get(id(graph))
-        if hit is None or hit[0] is not graph:
-            hit = self._live[id(graph)] = (graph, _live(graph))
-        return hit[1]
+        return graph.derived("propagate.live", _live)
 
     def __len__(self) -> int:
-        return len(self.ops) + len(self.reads) + len(self.bodies) + len(self.parts)
+        return len(self.ops) + len(self.reads) + len(self.reshards) + len(self.bodies) + len(self.parts)
+
+
+def _layout(graph: Graph, batch: frozenset[int]) -> tuple[tuple[_Span, ...], frozenset[int], tuple[int, ...]]:
+    derived = set(batch)
+    for op in graph.ops:
+        if any(i in derived for i in op.inputs):
+            derived.update(op.outputs)
+    kinds: dict[tuple, int] = {}
+    op_kinds = graph.op_kinds
+    decides = tuple(
+        kinds.setdefault((op_kinds[op.id], tuple(i in derived for i in op.inputs)), len(kinds))
+        for op in graph.ops
+    )
+    return _spans(graph), frozenset(derived), decides
 
 
 def _start(graph: Graph) -> tuple[Sharding | None, ...]:
@@ -492,9 +484,22 @@ class _Propagator:
         key = (self.gkey, vid, have, want, groups) if self.cache is not None else None
         hit = self.cache.reads.get(key) if key is not None else None
         if hit is None:
-            hit = reshard(self.g.values[vid], have, want, self.mesh, groups)
-            if key is not None:
-                self.cache.reads[key] = hit
+            v = self.g.values[vid]
+            if key is None:
+                return reshard(v, have, want, self.mesh, groups)
+            # Values of one shape and dtype reshard alike (the layers of an unrolled model): the
+            # collectives are worked out once and named for each value.
+            alike = (v.shape, v.dtype, have, want, groups)
+            made = self.cache.reshards.get(alike)
+            if made is None:
+                made = self.cache.reshards[alike] = reshard(v, have, want, self.mesh, groups)
+            colls, resolved = made
+            hit = self.cache.reads[key] = (
+                [dataclasses.replace(c, value=v.name) for c in colls]
+                if colls and colls[0].value != v.name
+                else colls,
+                resolved,
+            )
         return hit
 
     # -- structure -------------------------------------------------------------------------------

@@ -113,9 +113,8 @@ def test_cached_evaluation_is_exactly_a_fresh_one(source, hardware):
     # every plan must come out as a fresh propagation and a fresh simulator price it, to the bit.
     import random
 
-    from cost_model.compute import op_costs
-
     from auto_partition.workloads import resolve
+    from cost_model.compute import op_costs
     from cost_model.hardware import load_hardware
     from cost_model.meshes import topology
     from cost_model.simulate import Simulator
