@@ -509,18 +509,13 @@ def _loop_slices(prop: Propagation, scans: list[Op], cache: TimelineCache | None
         if cache is None:
             found = _slices(prop, op, sub)
         else:
-            # What decides it: how the body holds and reads each generated constant.
-            consts = _generated_consts(prop.graph, op)
-            if not consts:
-                continue
-            seen = tuple(
-                (sub.shardings[b], tuple(sub.ops[r] for r in sub.graph.consumers.get(b, ())))
-                for _, b in consts
-            )
-            key = (id(prop.graph), op.id, seen)
-            found = cache.slices.get(key)
-            if found is None:
-                found = cache.slices[key] = _slices(prop, op, sub)
+            # What decides it is the body's propagation (a PropagationCache hands out the same
+            # body object for the same entry shardings): keyed by identity, kept alive by the entry.
+            key = (id(prop.graph), op.id, id(sub))
+            hit = cache.slices.get(key)
+            if hit is None or hit[0] is not sub:
+                hit = cache.slices[key] = (sub, _slices(prop, op, sub))
+            found = hit[1]
         for vid, b in found:
             out[vid] = max(out.get(vid, 0), b)
     return out

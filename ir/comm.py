@@ -14,6 +14,10 @@ class CollectiveKind(enum.Enum):
     ALL_TO_ALL = "all-to-all"
     COLLECTIVE_PERMUTE = "collective-permute"
 
+    # Members are singletons compared by identity: hashed by identity too (Enum hashes the
+    # name in Python on every dict lookup, and these key hot tables).
+    __hash__ = object.__hash__
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Collective:

@@ -26,6 +26,10 @@ class Role(enum.Enum):
     CONST = "const"  # literals and closed-over constants
     OUTPUT = "output"
 
+    # Members are singletons compared by identity: hashed by identity too (Enum hashes the
+    # name in Python on every dict lookup, and these key hot tables).
+    __hash__ = object.__hash__
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Value:
