@@ -1,5 +1,6 @@
 """What the backend compiler does to a sharded program that decides its memory: how pending sums
-are resolved, which collectives it combines, and the order it schedules ops and collectives in.
+are resolved, which collectives it combines, the order it schedules ops and collectives in, and
+which donated inputs copy insertion copies.
 
 cost_model.liveness builds the timeline of buffers on these decisions.
 """
@@ -10,7 +11,7 @@ import collections
 import dataclasses
 import heapq
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from ir.comm import CollectiveKind
 from ir.graph import Graph, Op
@@ -295,4 +296,58 @@ def _nodes(g: Graph, order: list[Op], groups: list[list[Resolution]], breadth_fi
                 push(u)
     if len(out) != len(deps):  # only a cycle leaves nodes waiting
         raise RuntimeError("memory: combined collectives that depend on each other; this is a bug.")
+    return out
+
+
+def donated_copies(
+    prop: Propagation,
+    order: list[Op],
+    groups: list[list[Resolution]],
+    alias: dict[int, int],
+    op_step: dict[int, int],
+    size: Callable[[int, Sharding], int],
+) -> list[tuple[int, int, int, int]]:
+    """The copies copy insertion makes of donated inputs read by an op that does not lead to the
+    output overwriting them, live from the first read to the last: (input, bytes, first step,
+    last step), with `op_step` the step of each op and `size` a value's bytes in a sharding."""
+    g = prop.graph
+    targets: dict[int, int] = {}  # donated input -> bit of the output that overwrites it
+    bits_of: dict[int, int] = {}  # value (buffer root) -> bits of the aliased outputs it is
+    for k, (vid, src) in enumerate(zip(g.outputs, g.output_alias, strict=False)):
+        if src in g.donated and src >= 0:
+            targets[src] = 1 << k
+            root = alias.get(vid, vid)
+            bits_of[root] = bits_of.get(root, 0) | 1 << k
+    if not targets:
+        return []
+    merged = {r.value: members for members in groups if len(members) > 1 for r in members}
+    # Per op, the aliased outputs it leads to; a combined collective joins its members' readers.
+    leads: dict[int, int] = {}
+    via: dict[int, int] = {}  # value -> outputs its readers lead to
+    while True:
+        before = dict(leads)
+        for op in reversed(order):
+            bits = 0
+            for u in op.outputs:
+                root = alias.get(u, u)
+                b = bits_of.get(root, 0)
+                for m in merged.get(u, ()):
+                    b |= via.get(m.value, 0)
+                bits |= b | via.get(u, 0)
+            leads[op.id] = bits
+            for u in op.inputs:
+                via[u] = via.get(u, 0) | bits
+        if leads == before:
+            break
+    reads: dict[int, list[int]] = {}  # donated input -> ops that read its buffer
+    for op in order:
+        for u in dict.fromkeys(alias.get(u, u) for u in op.inputs):
+            if u in targets:
+                reads.setdefault(u, []).append(op.id)
+    out = []
+    for src, ops in reads.items():
+        if any(not leads[o] & targets[src] for o in ops):
+            steps = [op_step[o] for o in ops]
+            b = size(src, prop.shardings[src])
+            out.append((src, b, min(steps), max(steps)))
     return out

@@ -28,13 +28,14 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from cost_model.compiler import (
     XLA_CPU,
     Compiler,
     Resolution,
     combine,
+    donated_copies,
     local_bytes,
     resolutions_of,
     schedule,
@@ -267,7 +268,10 @@ def _buffers(prop: Propagation, compiler: Compiler, cache: TimelineCache | None)
     for vid in g.outputs:
         last_read[alias.get(vid, vid)] = step
     if compiler.copies_donated_inputs:
-        out += _donated_copies(prop, order, groups, alias, w.op_step, w.size)
+        out += [
+            (_DONATED, src, b, first, last, None)
+            for src, b, first, last in donated_copies(prop, order, groups, alias, w.op_step, w.size)
+        ]
     pinned = w.pinned
     sliced = w.sliced
     size = w.size
@@ -578,59 +582,6 @@ def _collective(group: list[Resolution], step: int, w: _Walk) -> int:
             w.written[vid] = step + 1
             sliced = True
     return step + sliced
-
-
-def _donated_copies(
-    prop: Propagation,
-    order: list[Op],
-    groups: list[list[Resolution]],
-    alias: dict[int, int],
-    op_step: dict[int, int],
-    size: Callable[[int, Sharding], int],
-) -> list[tuple]:
-    """The copies copy insertion makes of donated inputs read by an op that does not lead to the
-    output overwriting them: live from the first read to the last."""
-    g = prop.graph
-    targets: dict[int, int] = {}  # donated input -> bit of the output that overwrites it
-    bits_of: dict[int, int] = {}  # value (buffer root) -> bits of the aliased outputs it is
-    for k, (vid, src) in enumerate(zip(g.outputs, g.output_alias, strict=False)):
-        if src in g.donated and src >= 0:
-            targets[src] = 1 << k
-            root = alias.get(vid, vid)
-            bits_of[root] = bits_of.get(root, 0) | 1 << k
-    if not targets:
-        return []
-    merged = {r.value: members for members in groups if len(members) > 1 for r in members}
-    # Per op, the aliased outputs it leads to; a combined collective joins its members' readers.
-    leads: dict[int, int] = {}
-    via: dict[int, int] = {}  # value -> outputs its readers lead to
-    while True:
-        before = dict(leads)
-        for op in reversed(order):
-            bits = 0
-            for u in op.outputs:
-                root = alias.get(u, u)
-                b = bits_of.get(root, 0)
-                for m in merged.get(u, ()):
-                    b |= via.get(m.value, 0)
-                bits |= b | via.get(u, 0)
-            leads[op.id] = bits
-            for u in op.inputs:
-                via[u] = via.get(u, 0) | bits
-        if leads == before:
-            break
-    reads: dict[int, list[int]] = {}  # donated input -> ops that read its buffer
-    for op in order:
-        for u in dict.fromkeys(alias.get(u, u) for u in op.inputs):
-            if u in targets:
-                reads.setdefault(u, []).append(op.id)
-    out = []
-    for src, ops in reads.items():
-        if any(not leads[o] & targets[src] for o in ops):
-            steps = [op_step[o] for o in ops]
-            b = size(src, prop.shardings[src])
-            out.append((_DONATED, src, b, min(steps), max(steps), None))
-    return out
 
 
 def _spec(dims: tuple[tuple[str, ...], ...]) -> str:
