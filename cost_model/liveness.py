@@ -89,10 +89,10 @@ def peak(buffers: Sequence[Buffer]) -> tuple[int, list[tuple[str, int]]]:
 class TimelineCache:
     """Memo tables for the timelines of many propagations of one graph under one compiler (a
     searcher's inner loop): loop-body peaks by body propagation (a `PropagationCache` returns a
-    body it has seen as the same object), and per graph its live ops, each op's pending-sum
-    resolutions by the op's factors, the fused values by the aliases, the combined groups by
-    their candidates and the schedule by the groups. Keys hold graph ids; entries keep their
-    graph alive."""
+    body it has seen as the same object), each op's pending-sum resolutions by its decision,
+    the fused values by the aliases, the combined groups by their candidates, the schedule by
+    the groups, and what each propagation part's ops do by (part, fusion). Keys hold graph
+    ids; entries keep their graph alive."""
 
     def __init__(self):
         self.body_peaks: dict[int, tuple[Propagation, int]] = {}
@@ -106,12 +106,9 @@ class TimelineCache:
         self.moves: dict[tuple, bool] = {}  # (shape, dtype, have, want) -> whether a collective moves it
         self.steps: dict[tuple, tuple] = {}  # (part, fused set) -> what its ops do (see _part_steps)
 
-    def graph(self, g: Graph) -> tuple[list[Op], list[Op]]:
-        """(live ops in program order, scan ops)."""
-        return g.derived("liveness.order", _order)
-
 
 def _order(g: Graph) -> tuple[list[Op], list[Op]]:
+    """(live ops in program order, scan ops)."""
     return [op for op in g.ops if op.id in g.live_ops], [op for op in g.ops if op.primitive == "scan"]
 
 
@@ -167,15 +164,13 @@ def _name(values, kind: int, vid: int, extra) -> str:
 def _buffers(prop: Propagation, compiler: Compiler, cache: TimelineCache | None) -> tuple[list[tuple], int]:
     """The timeline as (kind, value, bytes, start, end, extra) tuples, and the last step."""
     g = prop.graph
+    order, scans = g.derived("liveness.order", _order)
     if cache is None:
         fused, alias, library = fused_and_aliased(prop, compiler.library_reduce_elements)
-        order = [op for op in g.ops if op.id in g.live_ops]
-        scans = [op for op in g.ops if op.primitive == "scan"]
         memo: dict[int, frozenset[int]] = {}
         sizes: dict[tuple, int] = {}
     else:
         fused, alias, library = fused_and_aliased(prop, compiler.library_reduce_elements, cache.fusion)
-        order, scans = cache.graph(g)
         hit = cache.sources.get((id(g), id(fused)))
         if hit is None or hit[0] is not fused:
             hit = cache.sources[(id(g), id(fused))] = (fused, {})
@@ -306,7 +301,7 @@ class _Walk:
         "sizes",
         "sliced",
         "written",
-    )  # fmt: skip
+    )
 
     def __init__(self, prop, compiler, cache, fused, alias, library, memo, sizes):
         self.prop = prop
@@ -431,17 +426,13 @@ def _steps(w: _Walk, parts: tuple[Part, ...]) -> tuple[list, list[tuple[int, ...
         key = (id(part), id(w.fused))
         hit = cache.steps.get(key)
         if hit is None or hit[0] is not part or hit[1] is not w.fused:
-            span = part.span
-            hit = cache.steps[key] = (
-                part,
-                w.fused,
-                (None,) * (span.stop - span.start),
-                tuple(n for n in part.rewritten if n in live),
-                False,
-            )
-        elif not hit[4]:
-            hit = cache.steps[key] = (part, w.fused, _part_steps(w, part), hit[3], True)
-        entries.extend(hit[2])
+            # Seen once: its steps are None (walked in full) until it is seen again.
+            hit = cache.steps[key] = (part, w.fused, None, tuple(n for n in part.rewritten if n in live))
+            entries.extend((None,) * (part.span.stop - part.span.start))
+        else:
+            if hit[2] is None:
+                hit = cache.steps[key] = (part, w.fused, _part_steps(w, part), hit[3])
+            entries.extend(hit[2])
         resolvable.append(hit[3])
     return entries, resolvable
 

@@ -178,27 +178,12 @@ class PropagationCache:
             self._alive.append(graph)
         return self._keys[k]
 
-    def layout(
-        self, graph: Graph, batch: frozenset[int]
-    ) -> tuple[tuple[_Span, ...], frozenset[int], tuple[int, ...]]:
-        """The graph's spans, the values derived from `batch`, and per op its kind for decisions:
-        ops of one `Graph.op_kinds` kind whose operands are alike derived from the batch decide
-        alike (all fixed by the graph: kept with it)."""
-        return graph.derived(("propagate.layout", batch), lambda g: _layout(g, batch))
-
-    def start(self, graph: Graph) -> tuple[Sharding | None, ...]:
-        """Per value, replicated for the constants (values no op makes), else None: where every
-        propagation of the graph starts before its inputs are set."""
-        return graph.derived("propagate.start", _start)
-
-    def live(self, graph: Graph) -> tuple[bool, ...]:
-        return graph.derived("propagate.live", _live)
-
     def __len__(self) -> int:
         return len(self.ops) + len(self.reads) + len(self.reshards) + len(self.bodies) + len(self.parts)
 
 
 def _layout(graph: Graph, batch: frozenset[int]) -> tuple[tuple[_Span, ...], frozenset[int], tuple[int, ...]]:
+    """(spans, values derived from `batch`, per op its kind for decisions)."""
     derived = set(batch)
     for op in graph.ops:
         if any(i in derived for i in op.inputs):
@@ -278,26 +263,24 @@ class _Propagator:
         batch_inputs = frozenset(batch_inputs)
         self.cache = cache
         self.gkey = cache.graph_key(graph, batch_inputs) if cache is not None else None
-        self.spans: tuple[_Span, ...] = ()
         self.parts: list[Part] = []
         self.rewritten: list[int] = []  # ops whose results are not stored as written (see Part)
         self.outside: list | None = None  # while a span is recorded: its reads of earlier values
         self.before: frozenset[int] | set[int] = frozenset()  # ... and the values that are earlier
-        self.kinds: tuple[int, ...] = ()
-        if cache is not None:
-            self.spans, self.batch, self.kinds = cache.layout(graph, batch_inputs)
-        else:
-            self.batch = set(batch_inputs)
-            for op in graph.ops:
-                if any(i in self.batch for i in op.inputs):
-                    self.batch.update(op.outputs)
+        # Fixed by the graph, kept with it: the spans, the values derived from the batch, and per
+        # op its kind for decisions (ops of one `Graph.op_kinds` kind whose operands are alike
+        # derived from the batch decide alike).
+        spans, self.batch, self.kinds = graph.derived(
+            ("propagate.layout", batch_inputs), lambda g: _layout(g, batch_inputs)
+        )
+        self.spans: tuple[_Span, ...] = spans if cache is not None else ()  # replayed with a cache
 
     # -- driver ----------------------------------------------------------------------------------
 
     def run(self, inputs: Mapping[int, Sharding], outputs: Mapping[int, Sharding]) -> Propagation:
         g = self.g
         # Inputs and constants start replicated; the inputs given are set over them.
-        self.cur = cur = list(self.cache.start(g) if self.cache is not None else _start(g))
+        self.cur = cur = list(g.derived("propagate.start", _start))
         for vid in g.inputs:
             s = inputs.get(vid)
             if s:
@@ -316,7 +299,7 @@ class _Propagator:
                 want = Sharding(s.dims) if s.partial else s
             self._read(vid, want)
             returned.append(want)
-        live = self.cache.live(g) if self.cache is not None else _live(g)
+        live = g.derived("propagate.live", _live)
         # Values still pending a sum at the end are stored reduced (only those with sum groups
         # were ever partial).
         for vid in self.sum_groups:
