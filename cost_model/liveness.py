@@ -502,14 +502,14 @@ def _loop_slices(prop: Propagation, scans: list[Op], cache: TimelineCache | None
             continue
         sub = subs[0]
         if cache is None:
-            found = _slices(prop, op, sub)
+            found = _slices(prop, op, sub, None)
         else:
             # What decides it is the body's propagation (a PropagationCache hands out the same
             # body object for the same entry shardings): keyed by identity, kept alive by the entry.
             key = (id(prop.graph), op.id, id(sub))
             hit = cache.slices.get(key)
             if hit is None or hit[0] is not sub:
-                hit = cache.slices[key] = (sub, _slices(prop, op, sub))
+                hit = cache.slices[key] = (sub, _slices(prop, op, sub, cache))
             found = hit[1]
         for vid, b in found:
             out[vid] = max(out.get(vid, 0), b)
@@ -525,7 +525,9 @@ def _generated_consts(g: Graph, op: Op) -> list[tuple[int, int]]:
     return out
 
 
-def _slices(prop: Propagation, op: Op, sub: Propagation) -> list[tuple[int, int]]:
+def _slices(
+    prop: Propagation, op: Op, sub: Propagation, cache: TimelineCache | None
+) -> list[tuple[int, int]]:
     """(value, bytes of the largest slice its body reads) of one loop's sliced constants."""
     out = []
     for vid, b in _generated_consts(prop.graph, op):
@@ -539,7 +541,7 @@ def _slices(prop: Propagation, op: Op, sub: Propagation) -> list[tuple[int, int]
                 else [None]
             )
             for w in wants:
-                if w is None or reshard(v, sub.shardings[b], Sharding(w.dims), prop.mesh)[0]:
+                if w is None or _moves(sub, b, w, cache):
                     largest = -1
                     break
                 largest = max(largest, local_bytes(v.shape, v.itemsize, w, prop.mesh))
