@@ -10,10 +10,13 @@ priority: a constraint on a result first, then operands derived from the batch (
 put and weights move, which is what FSDP and ZeRO do), then larger operands, then operand order.
 
 A reduction factor sharded over axes leaves its result a pending partial sum over those axes. The
-sum is resolved where the value is first read: by a reduce-scatter when that reader wants the
-value sharded along a partial axis (the data-parallel gradient feeding a sharded optimizer
-update), else by all-reduces, one per sharded reduction dim as XLA's partitioner emits them.
-The resolved sharding is the value's sharding from then on. `ir.reshard.reshard` prices every
+sum is resolved where the value is first read: into the layout of the step input its readers
+meet a few ops on, where that layout shards it over partial axes (the data-parallel gradient
+reduce-scattered into its optimizer state's or parameter's layout, as XLA's two-way propagation
+does: `ir.sum_targets`); else by a reduce-scatter when that reader wants it sharded along a
+partial axis, or by all-reduces, one per sharded reduction dim as XLA's partitioner emits them
+(a sum XLA does not reduce-scatter is all-reduced and sliced). The resolved sharding is the
+value's sharding from then on. `ir.reshard.reshard` prices every
 change of sharding the way XLA's SPMD partitioner carries it out (docs/xla-partitioner.md).
 
 A searcher propagates thousands of plans of one graph: with a `PropagationCache`, the ops run in
@@ -31,6 +34,7 @@ from ir.factors import assign_factors, result_shardings, tensor_dims
 from ir.graph import Graph, Op, Role, Value
 from ir.reshard import reshard
 from ir.sharding import MeshShape, Sharding
+from ir.sum_targets import resolution, scatters, sum_kind, sum_paths
 
 Constraint = Callable[[Value], Sharding | None]
 
@@ -87,6 +91,8 @@ class _Span:
       reads: values its ops read that are made before it (inputs, constants, earlier results).
       defs: values its ops make.
       exported: those of `defs` read after the span or returned.
+      watched: values made before it that it does not read but whose shardings decide where a
+        pending sum it reads is resolved to (`ir.sum_targets`).
     """
 
     index: int
@@ -95,6 +101,7 @@ class _Span:
     reads: tuple[int, ...]
     defs: tuple[int, ...]
     exported: frozenset[int]
+    watched: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True, slots=True, eq=False)
@@ -140,13 +147,27 @@ def _spans(graph: Graph) -> tuple[_Span, ...]:
     n = len(graph.ops)
     later_reads: set[int] = set(graph.outputs)
     bounds = [(a, min(a + SPAN_OPS, n)) for a in range(0, n, SPAN_OPS)]
+    meetings = graph.derived("propagate.sum_paths", sum_paths)
+    producer = graph.producer
     out = []
     for index, (a, b) in reversed(list(enumerate(bounds))):
         ops = graph.ops[a:b]
         defs = tuple(v for op in ops for v in op.outputs)
         mine = set(defs)
         reads = tuple(dict.fromkeys(v for op in ops for v in op.inputs if v not in mine))
-        out.append(_Span(index, a, b, reads, defs, frozenset(v for v in defs if v in later_reads)))
+        earlier = set(reads)
+        watched = tuple(
+            dict.fromkeys(
+                u
+                for op in ops
+                for v in op.inputs
+                for m in meetings.get(v, ())
+                for u in m.chain
+                if u not in earlier and u not in mine and producer.get(u, -1) < a
+            )
+        )
+        exported = frozenset(v for v in defs if v in later_reads)
+        out.append(_Span(index, a, b, reads, defs, exported, watched))
         later_reads.update(reads)
     return tuple(reversed(out))
 
@@ -274,6 +295,7 @@ class _Propagator:
             ("propagate.layout", batch_inputs), lambda g: _layout(g, batch_inputs)
         )
         self.spans: tuple[_Span, ...] = spans if cache is not None else ()  # replayed with a cache
+        self.meetings = graph.derived("propagate.sum_paths", sum_paths)
 
     # -- driver ----------------------------------------------------------------------------------
 
@@ -334,6 +356,8 @@ class _Propagator:
         ins = tuple([cur[v] for v in span.reads])
         pending = tuple(self.sum_groups.get(v) for v, s in zip(span.reads, ins, strict=True) if s.partial)
         key = (self.gkey, span.index, ins, pending)
+        if span.watched:
+            key += (tuple([cur[v] for v in span.watched]),)
         part = self.cache.parts.get(key)
         if part is None:
             part = self.cache.parts[key] = self._record(span)
@@ -395,6 +419,8 @@ class _Propagator:
         g = self.g
         cur = self.cur
         ins = tuple(cur[vid] for vid in op.inputs)
+        if any(s.partial for s in ins):
+            ins = self._sums_to_partners(op, ins)
         targets = (
             tuple(self.constraint(g.values[vid]) for vid in op.outputs)
             if self.constraint
@@ -424,6 +450,18 @@ class _Propagator:
         # resolutions downstream are cached by its identity.
         self.ops[op.id] = decision
 
+    def _sums_to_partners(self, op: Op, ins: tuple) -> tuple:
+        """Resolves each pending sum `op` reads into the layout the values its readers meet imply
+        (`ir.sum_targets.resolution`): a reduce-scatter into the optimizer state's layout, as XLA
+        propagates it back. Returns the operand shardings after."""
+        cur = self.cur
+        for vid, have in zip(op.inputs, ins, strict=True):
+            if have.partial and vid in self.meetings and cur[vid].partial:
+                want = resolution(self.g, self.meetings[vid], have, cur, self.constraint, self.mesh)
+                if want is not None:
+                    self._read(vid, want)
+        return tuple(cur[vid] for vid in op.inputs)
+
     def _decide(self, op: Op, ins: tuple, targets: tuple) -> tuple:
         """(OpSharding, result shardings, sum groups) of one op."""
         rule = op.rule
@@ -445,6 +483,16 @@ class _Propagator:
         have = self.cur[vid]
         if have == want:
             return
+        if (
+            have.partial
+            and want.dims != have.dims
+            and not scatters(sum_kind(self.g, vid), self.sum_groups.get(vid, ()), have, want)
+        ):
+            # A sum XLA does not reduce-scatter: all-reduced, then this device's slice read.
+            self._read(vid, Sharding(have.dims))
+            have = self.cur[vid]
+            if have == want:
+                return
         if vid in self.before:
             # A span being recorded reads a value made before it: kept apart, because whether
             # the read costs anything depends on what ran before the span (see `_apply`).

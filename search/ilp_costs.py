@@ -19,6 +19,7 @@ from ir.comm import CollectiveKind
 from ir.graph import Graph, Op, Role, Value
 from ir.reshard import reshard
 from ir.sharding import MeshShape, Sharding
+from ir.sum_targets import scatters, sum_kind
 from search.ilp_factors import Factors, Groups
 from search.ilp_nodes import N_PARTS, Interner, Part, Source
 
@@ -95,10 +96,12 @@ class Prices:
     ) -> np.ndarray:
         """Seconds per (have strategy, want) and Part, [n_have, n_want, P]; the diagonal [n, P] if `same`."""
         v = g.values[vid]
+        kind = sum_kind(g, vid) if any(h.partial for h in have.shardings) else ("",)
         key = (
             v.shape,
             v.itemsize,
             _phase_key(v),
+            kind,
             self.intern.source(have).tobytes(),
             self.intern.items(wants).tobytes(),
             same,
@@ -110,30 +113,37 @@ class Prices:
             if same:
                 m = np.array(
                     [
-                        self._reshard(v, h, gr, w, replicated_free)
+                        self._reshard(v, h, gr, w, replicated_free, kind)
                         for (h, gr), w in zip(pairs, wants, strict=True)
                     ]
                 )
             else:
                 m = np.array(
-                    [[self._reshard(v, h, gr, w, replicated_free) for w in wants] for h, gr in pairs]
+                    [[self._reshard(v, h, gr, w, replicated_free, kind) for w in wants] for h, gr in pairs]
                 )
             self._matrix_cache[key] = m
         return m
 
     def _reshard(
-        self, v: Value, have: Sharding, groups: Groups, want: Sharding, replicated_free: bool
+        self, v: Value, have: Sharding, groups: Groups, want: Sharding, replicated_free: bool, kind: tuple
     ) -> np.ndarray:
-        """Seconds per Part of resharding `v` from `have` (its pending sums grouped as `groups`) to `want`."""
+        """Seconds per Part of resharding `v` from `have` (its pending sums grouped as `groups`, made
+        by an op of `kind`: ir.sum_targets.sum_kind) to `want`."""
         if replicated_free and not want.used_axes:
             want = Sharding(have.dims)
         if have == want:
             return _ZERO
-        key = (v.shape, v.itemsize, _phase_key(v), have, groups, want)
+        key = (v.shape, v.itemsize, _phase_key(v), have, groups, want, kind)
         hit = self._reshard_cache.get(key)
         if hit is not None:
             return hit
-        colls, _ = reshard(v, have, want, self.mesh, groups or None)
+        if have.partial and want.dims != have.dims and not scatters(kind, groups, have, want):
+            # A sum XLA does not reduce-scatter: all-reduced, then read from there (ir.propagate).
+            whole = Sharding(have.dims)
+            colls, _ = reshard(v, have, whole, self.mesh, groups or None)
+            colls = [*colls, *reshard(v, whole, want, self.mesh)[0]]
+        else:
+            colls, _ = reshard(v, have, want, self.mesh, groups or None)
         backward, param = _phase_key(v)
         out = np.zeros(N_PARTS)
         for c in colls:

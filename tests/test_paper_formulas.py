@@ -83,14 +83,15 @@ def _propagate(g: Graph, plan, pin: dict[int, Sharding] | None = None) -> Propag
     return propagate(g, plan.mesh, inputs, constraint=constraint, outputs=outputs)
 
 
-def _sharded_like_optimizer(g: Graph) -> dict[int, Sharding]:
-    """Each gradient in the layout of its optimizer state: its first dim N divides, over 'data'."""
-    out = {}
-    for v in gradient_values(g):
-        shape = g.values[v].shape
-        d = _first_divisible_dim(shape)
-        out[v] = Sharding(tuple(("data",) if i == d else () for i in range(len(shape))))
-    return out
+def _replicated(g: Graph, values: list[int]) -> dict[int, Sharding]:
+    return {v: Sharding.replicated(g.values[v].rank) for v in values}
+
+
+def _sharded_like_optimizer(g: Graph, v: int) -> Sharding:
+    """A gradient in the layout of its optimizer state: its first dim N divides, over 'data'."""
+    shape = g.values[v].shape
+    d = _first_divisible_dim(shape)
+    return Sharding(tuple(("data",) if i == d else () for i in range(len(shape))))
 
 
 def model_states(prop: Propagation) -> dict[str, int]:
@@ -135,41 +136,52 @@ def test_zero_model_states_match_the_paper(gpt, stage, formula):
         "zero3": [batch, *_shard_each(gpt, Role.PARAM)],  # optimizer state follows its param
     }[stage]
     plan = apply_tactics(gpt, MESH, tactics)
-    # ZeRO-2 and -3 reduce-scatter each gradient into its partition. Tactics cannot name
-    # gradients, and propagation alone all-reduces them (see the tests below), so they are
-    # pinned to that layout.
-    pin = _sharded_like_optimizer(gpt) if stage in ("zero2", "zero3") else None
+    # ZeRO-2 and -3 follow from the tactics: each gradient is reduce-scattered into the layout of
+    # the optimizer state its update meets. ZeRO-1 keeps every gradient whole, which a plan says
+    # by constraining the gradients (tactics cannot name them) to stay replicated.
+    pin = _replicated(gpt, gradient_values(gpt)) if stage == "zero1" else None
     states = model_states(_propagate(gpt, plan, pin))
     assert sum(states.values()) == pytest.approx(formula(psi), rel=0.01)
 
 
-def test_sharding_only_the_optimizer_state_is_zero1(gpt):
-    """The update reads the all-reduced gradient's local slice, steps its optimizer partition, and
-    the updated parameters are all-gathered: ZeRO-1's algorithm, gradients whole on every device."""
+def test_sharding_only_the_optimizer_state_is_zero2(gpt):
+    """The optimizer state's layout flows back to the gradients, as XLA propagates it: each is
+    reduce-scattered into its optimizer partition, the update steps that partition, and the updated
+    parameters are all-gathered (ZeRO-2; ZeRO-1 keeps the gradients whole only if told to)."""
     plan = apply_tactics(
         gpt, MESH, [Batch(("data",)), *_shard_each(gpt, Role.OPT_STATE, r"opt_state/0/(mu|nu)/.*")]
     )
     prop = propagate_plan(gpt, plan)
-    for v in gradient_values(gpt):
-        assert prop.shardings[v] == Sharding.replicated(gpt.values[v].rank), gpt.values[v].name
-    assert not [c for c in prop.collectives if c.kind is CollectiveKind.REDUCE_SCATTER]
+    grads = gradient_values(gpt)
+    for v in grads:
+        assert prop.shardings[v] == _sharded_like_optimizer(gpt, v), gpt.values[v].name
+    kinds = collections.Counter(c.kind for c in prop.collectives if c.bytes > 4)
+    assert kinds[CollectiveKind.REDUCE_SCATTER] >= len(grads)
+    assert kinds[CollectiveKind.ALL_REDUCE] == 0
     gathered = {c.value for c in prop.collectives if c.kind is CollectiveKind.ALL_GATHER}
     assert gathered == {v.name for v in gpt.values if v.name.startswith("out/params/")}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="propagation resolves a pending sum at its first reader; each gradient is first read "
-    "by a unary op of the AdamW update (g**2 for nu, (1-b1)*g for mu) that has no sharded operand, "
-    "so the gradient is all-reduced to a replicated value instead of reduce-scattered into its "
-    "parameter's layout: ZeRO-3/FSDP tactics alone hold 4Psi of gradients per device (not "
-    "4Psi/N), and the fsdp baseline all-reduces every gradient (no reduce-scatter).",
-)
+def test_pinning_the_gradients_whole_is_zero1(gpt):
+    plan = apply_tactics(
+        gpt, MESH, [Batch(("data",)), *_shard_each(gpt, Role.OPT_STATE, r"opt_state/0/(mu|nu)/.*")]
+    )
+    prop = _propagate(gpt, plan, _replicated(gpt, gradient_values(gpt)))
+    for v in gradient_values(gpt):
+        assert prop.shardings[v] == Sharding.replicated(gpt.values[v].rank), gpt.values[v].name
+    assert not [c for c in prop.collectives if c.kind is CollectiveKind.REDUCE_SCATTER]
+
+
 def test_fsdp_tactics_alone_reduce_scatter_the_gradients(gpt):
     psi = sum(math.prod(v.shape) for v in gpt.input_values() if v.role is Role.PARAM)
     plan = apply_tactics(gpt, MESH, [Batch(("data",)), *_shard_each(gpt, Role.PARAM)])
-    states = model_states(propagate_plan(gpt, plan))
-    assert states["grads"] == pytest.approx(4 * psi / N, rel=0.01)
+    prop = propagate_plan(gpt, plan)
+    assert model_states(prop)["grads"] == pytest.approx(4 * psi / N, rel=0.01)
+    kinds = collections.Counter(c.kind for c in prop.collectives if c.bytes > 4)
+    # One per gradient, and one more: the tied embedding's two partial sums are each scattered
+    # before they are added (XLA adds them first).
+    assert kinds[CollectiveKind.REDUCE_SCATTER] == len(gradient_values(gpt)) + 1
+    assert kinds[CollectiveKind.ALL_REDUCE] == 0
 
 
 # ------------------------------------------------------------------------------- Megatron-LM

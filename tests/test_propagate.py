@@ -14,6 +14,7 @@ from ir.graph import Value
 from ir.propagate import propagate
 from ir.reshard import reshard
 from ir.sharding import MeshShape, Sharding
+from ir.sum_targets import scatters
 from ir.trace import trace
 from ir.workload import Workload
 
@@ -128,6 +129,37 @@ def test_partial_sum_resolved_by_reduce_scatter_when_the_reader_wants_it_sharded
     )
     assert colls == [(K.REDUCE_SCATTER, ("data",), 16 * 32 * 4)]
     assert prop.outputs[0] == S("data", None)
+
+
+def test_partial_sum_resolved_into_the_layout_of_the_state_its_readers_meet():
+    """Its first reader (a transpose) shards nothing, but the Adam-like update two ops on meets
+    optimizer state sharded over the sum's axis: reduce-scattered into that layout mapped back
+    through the transpose, as XLA's two-way propagation does (not all-reduced at the transpose)."""
+
+    def f(x, dy, mu):
+        grad = (x.T @ dy).T  # (32, 16), partial over data, first read by the transpose
+        return 0.9 * mu + 0.1 * grad
+
+    _, prop, colls = _run(
+        f, [(8, 16), (8, 32), (32, 16)], [S("data", None), S("data", None), S("data", None)]
+    )
+    assert colls == [(K.REDUCE_SCATTER, ("data",), 16 * 32 * 4)]
+    assert prop.outputs[0] == S("data", None)
+
+
+def test_which_pending_sums_xla_reduce_scatters():
+    """A dot's sum over any groups, a reduce_sum's over one, a scatter-add's over one into its
+    scattered dims; the rest are all-reduced and sliced (measured: benchmarks/xla_agreement.py)."""
+    have = Sharding(((), ()), partial=("data", "model"))
+    rows = Sharding((("data",), ()), partial=("data", "model"))
+    cols = Sharding(((), ("data",)), partial=("data", "model"))
+    one, two = ((("data",),)), ((("data",),), (("model",),))
+    assert scatters(("dot_general",), two, have, rows)
+    assert scatters(("reduce_sum",), one, have, rows)
+    assert not scatters(("reduce_sum",), two, have, rows)
+    assert scatters(("scatter-add", (0,)), one, have, rows)
+    assert not scatters(("scatter-add", (0,)), one, have, cols)  # a window dim
+    assert not scatters(("scatter-add", (0,)), two, have, rows)
 
 
 def test_named_constraint_reshards_the_value():
