@@ -27,14 +27,14 @@ from what it did then (a `Part`), decisions, collectives and all, instead of pro
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 
 from ir.comm import Collective
 from ir.factors import assign_factors, result_shardings, tensor_dims
 from ir.graph import Graph, Op, Role, Value
 from ir.reshard import reshard
 from ir.sharding import MeshShape, Sharding
-from ir.sum_targets import resolution, scatters, sum_kind, sum_paths
+from ir.sum_targets import resolution, scatters, stacked_targets, sum_kind, sum_paths
 
 Constraint = Callable[[Value], Sharding | None]
 
@@ -160,7 +160,7 @@ def _spans(graph: Graph) -> tuple[_Span, ...]:
             dict.fromkeys(
                 u
                 for op in ops
-                for v in op.inputs
+                for v in _consulting(graph, op)
                 for m in meetings.get(v, ())
                 for u in m.chain
                 if u not in earlier and u not in mine and producer.get(u, -1) < a
@@ -170,6 +170,15 @@ def _spans(graph: Graph) -> tuple[_Span, ...]:
         out.append(_Span(index, a, b, reads, defs, exported, watched))
         later_reads.update(reads)
     return tuple(reversed(out))
+
+
+def _consulting(graph: Graph, op: Op) -> tuple[int, ...]:
+    """The values whose meetings (`ir.sum_targets`) `op` consults: the sums it reads, or a loop's
+    stacked outputs (the layouts its body resolves sums into)."""
+    if op.primitive == "scan":
+        return op.outputs[op.params["num_carry"] :]
+    producer = graph.producer
+    return tuple(v for v in op.inputs if v in producer and graph.ops[producer[v]].primitive != "scan")
 
 
 class PropagationCache:
@@ -189,11 +198,12 @@ class PropagationCache:
         self.reshards: dict[tuple, tuple[list[Collective], Sharding]] = {}  # by (shape, dtype, ...)
         self.bodies: dict[tuple, Propagation] = {}
         self.parts: dict[tuple, Part] = {}
-        self._keys: dict[tuple[int, frozenset[int]], int] = {}
+        self._keys: dict[tuple[int, Hashable], int] = {}
         self._alive: list[Graph] = []  # graphs whose ids are in keys
 
-    def graph_key(self, graph: Graph, batch: frozenset[int]) -> int:
-        k = (id(graph), batch)
+    def graph_key(self, graph: Graph, context: Hashable) -> int:
+        """A small number for (graph, `context`: what else its parts are replayed under)."""
+        k = (id(graph), context)
         if k not in self._keys:
             self._keys[k] = len(self._keys)
             self._alive.append(graph)
@@ -242,6 +252,7 @@ def propagate(
     outputs: Mapping[int, Sharding] | None = None,
     batch_inputs: frozenset[int] | None = None,
     cache: PropagationCache | None = None,
+    stacked: Mapping[int, Sharding] | None = None,
 ) -> Propagation:
     """Propagates input shardings through the graph.
 
@@ -253,11 +264,13 @@ def propagate(
       outputs: sharding per output position the step must return (e.g. new params like params).
       batch_inputs: input ids derived from the batch (default: inputs with role BATCH).
       cache: memo tables to reuse across propagations of this graph, mesh and constraint.
+      stacked: for a loop body, per output index the layout a pending sum left in that output is
+        resolved into (`ir.sum_targets.stacked_targets`).
 
     Returns:
       The Propagation: every value's sharding and the step's collectives.
     """
-    return _Propagator(graph, mesh, constraint, batch_inputs, cache).run(inputs, outputs or {})
+    return _Propagator(graph, mesh, constraint, batch_inputs, cache, stacked).run(inputs, outputs or {})
 
 
 class _Propagator:
@@ -268,8 +281,10 @@ class _Propagator:
         constraint: Constraint | None,
         batch_inputs: frozenset[int] | None,
         cache: PropagationCache | None = None,
+        stacked: Mapping[int, Sharding] | None = None,
     ):
         self.g = graph
+        self.stacked = stacked or {}
         self.mesh = mesh
         self.constraint = constraint
         self.cur: list[Sharding | None] = []  # per value id, its sharding so far (set by run)
@@ -283,7 +298,12 @@ class _Propagator:
             batch_inputs = frozenset(i for i in graph.inputs if graph.values[i].role is Role.BATCH)
         batch_inputs = frozenset(batch_inputs)
         self.cache = cache
-        self.gkey = cache.graph_key(graph, batch_inputs) if cache is not None else None
+        # Parts are replayed per graph, batch and stacked targets (which decide resolutions).
+        self.gkey = (
+            cache.graph_key(graph, (batch_inputs, tuple(sorted(self.stacked.items()))))
+            if cache is not None
+            else None
+        )
         self.parts: list[Part] = []
         self.rewritten: list[int] = []  # ops whose results are not stored as written (see Part)
         self.outside: list | None = None  # while a span is recorded: its reads of earlier values
@@ -457,7 +477,9 @@ class _Propagator:
         cur = self.cur
         for vid, have in zip(op.inputs, ins, strict=True):
             if have.partial and vid in self.meetings and cur[vid].partial:
-                want = resolution(self.g, self.meetings[vid], have, cur, self.constraint, self.mesh)
+                want = resolution(
+                    self.g, self.meetings[vid], have, cur, self.constraint, self.mesh, self.stacked
+                )
                 if want is not None:
                     self._read(vid, want)
         return tuple(cur[vid] for vid in op.inputs)
@@ -486,7 +508,7 @@ class _Propagator:
         if (
             have.partial
             and want.dims != have.dims
-            and not scatters(sum_kind(self.g, vid), self.sum_groups.get(vid, ()), have, want)
+            and not scatters(sum_kind(self.g, vid), self.sum_groups.get(vid, ()), have, want, self.mesh)
         ):
             # A sum XLA does not reduce-scatter: all-reduced, then this device's slice read.
             self._read(vid, Sharding(have.dims))
@@ -557,7 +579,8 @@ class _Propagator:
             if vid in self.batch:
                 body_batch.add(bid)
         carry_out = {j: body_in[body.inputs[nc + j]] for j in range(nk)}
-        sub = self._body(body, body_in, carry_out, frozenset(body_batch))
+        stacked = stacked_targets(self.g, op, self.meetings, self.cur, self.constraint, self.mesh)
+        sub = self._body(body, body_in, carry_out, frozenset(body_batch), stacked)
         self.bodies[op.id] = (sub,)
         self.colls.extend(dataclasses.replace(c, count=c.count * op.trip_count) for c in sub.collectives)
         for j, vid in enumerate(op.outputs):
@@ -567,15 +590,34 @@ class _Propagator:
                 self.cur[vid] = Sharding(((), *sub.outputs[j].dims))
 
     def _body(
-        self, body: Graph, inputs: dict[int, Sharding], outputs: Mapping[int, Sharding], batch: frozenset[int]
+        self,
+        body: Graph,
+        inputs: dict[int, Sharding],
+        outputs: Mapping[int, Sharding],
+        batch: frozenset[int],
+        stacked: Mapping[int, Sharding] | None = None,
     ) -> Propagation:
-        """A body's propagation, cached by the shardings it is entered and left with."""
+        """A body's propagation, cached by the shardings it is entered and left with (and the
+        layouts sums left in its stacked outputs are resolved into)."""
         if self.cache is None:
             return propagate(
-                body, self.mesh, inputs, constraint=self.constraint, outputs=outputs, batch_inputs=batch
+                body,
+                self.mesh,
+                inputs,
+                constraint=self.constraint,
+                outputs=outputs,
+                batch_inputs=batch,
+                stacked=stacked,
             )
+        stacked_key = tuple(sorted((stacked or {}).items()))
         self.cache.graph_key(body, batch)  # keeps the body alive while its id is a key
-        key = (id(body), tuple(inputs.get(b) for b in body.inputs), tuple(sorted(outputs.items())), batch)
+        key = (
+            id(body),
+            tuple(inputs.get(b) for b in body.inputs),
+            tuple(sorted(outputs.items())),
+            batch,
+            stacked_key,
+        )
         sub = self.cache.bodies.get(key)
         if sub is None:
             sub = propagate(
@@ -586,6 +628,7 @@ class _Propagator:
                 outputs=outputs,
                 batch_inputs=batch,
                 cache=self.cache,
+                stacked=stacked,
             )
             self.cache.bodies[key] = sub
         return sub

@@ -17,7 +17,7 @@ is what propagation resolves the sum into (`ir.propagate`).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from ir.factors import assign_factors, tensor_dims
 from ir.graph import Graph, Value
@@ -47,11 +47,16 @@ class Meeting:
       chain: that value, then the values it is made from by elementwise ops of one same-shape
         operand (nearest first), back to an input of the step (a parameter or optimizer state,
         whose layout the plan gives): the first whose sharding is known stands for it.
+      output: for a meeting with what reads a loop body's output instead (the optimizer update
+        after the loop that stacks a gradient per layer): that output's index, with `path`
+        ending at the op that makes it (empty if the sum is the output), and no partner; -1
+        otherwise.
     """
 
     path: tuple[tuple[int, int], ...]
     partner: int
     chain: tuple[int, ...]
+    output: int = -1
 
 
 def sum_kind(g: Graph, vid: int) -> tuple:
@@ -66,13 +71,17 @@ def sum_kind(g: Graph, vid: int) -> tuple:
     return (op.primitive,)
 
 
-def scatters(kind: tuple, groups: tuple, have: Sharding, want: Sharding) -> bool:
+def scatters(kind: tuple, groups: tuple, have: Sharding, want: Sharding, mesh: MeshShape) -> bool:
     """Whether XLA's partitioner reduce-scatters a pending sum made by an op of `kind` (`sum_kind`),
     over `groups`, laid out `have`, into `want`: a dot's over any groups (one reduce-scatter, the
     other groups all-reduced after), a reduce_sum's over one group of axes, a scatter-add's over
     one group into its scattered dims. Other such sums (over several groups, a scatter-add into its
-    window dims) it all-reduces and then slices (measured: benchmarks/xla_agreement.py,
-    constrained mode)."""
+    window dims) it all-reduces and then slices. A dot's scattered over 2 devices into a layout
+    left whole over some other mesh axis it computes otherwise: each device takes a slice of the
+    output, all-reduces it and collective-permutes it to its owner (measured on meshes 2x4, 4x2,
+    2x2 and 2x2x2: groups of 4 and 8 are reduce-scattered; benchmarks/xla_agreement.py and
+    benchmarks/sim_fidelity.py, constrained mode): not modelled, so such a sum is left to its
+    reader."""
     primitive = kind[0]
     if primitive == "reduce_sum":
         return len(groups) <= 1
@@ -80,21 +89,70 @@ def scatters(kind: tuple, groups: tuple, have: Sharding, want: Sharding) -> bool
         return len(groups) <= 1 and all(
             d in kind[1] for d, (h, w) in enumerate(zip(have.dims, want.dims, strict=True)) if h != w
         )
+    if primitive == "dot_general":
+        scattered = [a for d in want.dims for a in d if a in have.partial]
+        used = {a for d in want.dims for a in d} | set(have.partial)
+        whole = any(a not in used and n > 1 for a, n in zip(mesh.axes, mesh.shape, strict=True))
+        return not (whole and mesh.axes_size(scattered) == 2)
     return True
 
 
 def sum_paths(g: Graph) -> dict[int, tuple[Meeting, ...]]:
     """value -> its meetings, nearest first, for each value that a dot, a reduce_sum or a
-    scatter-add makes (the sums XLA may reduce-scatter, see `scatters`)."""
+    scatter-add makes (the sums XLA may reduce-scatter, see `scatters`), and each output a loop
+    stacks (its body may leave it a sum: see `stacked_targets`)."""
     out: dict[int, tuple[Meeting, ...]] = {}
+    outputs = {vid: j for j, vid in enumerate(g.outputs)}
     for op in g.ops:
-        if op.primitive not in _SCATTERED or not op.rule.factors_of(FactorKind.REDUCTION):
+        if op.primitive == "scan":
+            made = op.outputs[op.params["num_carry"] :]
+        elif op.primitive in _SCATTERED and op.rule.factors_of(FactorKind.REDUCTION):
+            made = op.outputs
+        else:
             continue
-        for vid in op.outputs:
-            found = _meetings(g, vid)
+        for vid in made:
+            found = _meetings(g, vid, outputs)
             if found:
                 out[vid] = found
     return out
+
+
+def stacked_targets(
+    g: Graph,
+    op,
+    meetings: dict[int, tuple[Meeting, ...]],
+    shardings: Sequence[Sharding | None],
+    constraint: Callable[[Value], Sharding | None] | None,
+    mesh: MeshShape,
+) -> dict[int, Sharding]:
+    """Per body output of loop `op` that the loop stacks: the layout (one iteration's, without
+    the stacked dim) the values its readers meet after the loop imply, where they shard it and
+    leave the stacked dim whole. A sum the body leaves in that output is resolved into it there
+    (`resolution`'s `outputs`): a data-parallel gradient reduce-scattered per layer inside the
+    backward loop, as XLA propagates the optimizer state's layout into it."""
+    nk = op.params["num_carry"]
+    out: dict[int, Sharding] = {}
+    for j, vid in enumerate(op.outputs[nk:], start=nk):
+        if vid in meetings:
+            t = stacked_target(g, meetings[vid], shardings, constraint, mesh)
+            if t is not None:
+                out[j] = t
+    return out
+
+
+def stacked_target(
+    g: Graph,
+    meetings: tuple[Meeting, ...],
+    shardings: Sequence[Sharding | None],
+    constraint: Callable[[Value], Sharding | None] | None,
+    mesh: MeshShape,
+) -> Sharding | None:
+    """One stacked output's layout per iteration (see `stacked_targets`), from the meetings of the
+    loop's output; None where they imply none."""
+    want = _wanted(g, meetings, shardings, constraint, mesh, {})
+    if want is not None and not want.dims[0] and want.used_axes:
+        return Sharding(want.dims[1:])
+    return None
 
 
 def resolution(
@@ -104,15 +162,39 @@ def resolution(
     shardings: Sequence[Sharding | None],
     constraint: Callable[[Value], Sharding | None] | None,
     mesh: MeshShape,
+    outputs: Mapping[int, Sharding] | None = None,
 ) -> Sharding | None:
     """The layout to resolve a pending sum laid out `have` into, or None to leave it to its reader.
 
     The first meeting decides whose partner's sharding is known (in `shardings`, per value id;
-    None where not yet propagated), or a constraint on a value along its path, which is met
-    first. Its layout, mapped back to the sum, is taken where it shards dims `have` leaves whole
-    over some of the sum's partial axes and adds nothing else (the layout a reduce-scatter gives).
+    None where not yet propagated) or, for a meeting at a loop body's output, whose layout is
+    given in `outputs` (per output index: see `stacked_targets`); a constraint on a value along
+    its path is met first. Its layout, mapped back to the sum, is taken where it shards dims
+    `have` leaves whole over some of the sum's partial axes and adds nothing else (the layout a
+    reduce-scatter gives).
     """
-    want = None
+    want = _wanted(g, meetings, shardings, constraint, mesh, outputs or {})
+    if want is None:
+        return None
+    added = False
+    for h, w in zip(have.dims, want.dims, strict=True):
+        if w == h:
+            continue
+        if h or any(a not in have.partial for a in w):
+            return None
+        added = True
+    return want if added else None
+
+
+def _wanted(
+    g: Graph,
+    meetings: tuple[Meeting, ...],
+    shardings: Sequence[Sharding | None],
+    constraint: Callable[[Value], Sharding | None] | None,
+    mesh: MeshShape,
+    outputs: Mapping[int, Sharding],
+) -> Sharding | None:
+    """The layout the first decisive meeting implies for the value met from (see `resolution`)."""
     for m in meetings:
         if constraint is not None:
             c = next(
@@ -124,22 +206,16 @@ def resolution(
                 None,
             )
             if c is not None:
-                want = back(g, m.path[: c[0] + 1], c[1], mesh)
-                break
+                return back(g, m.path[: c[0] + 1], c[1], mesh)
+        if m.output >= 0:
+            s = outputs.get(m.output)
+            if s is not None:
+                return back(g, m.path, s, mesh)
+            continue
         s = next((shardings[u] for u in m.chain if shardings[u] is not None), None)
         if s is not None and not s.partial:
-            want = target(g, m, s, mesh)
-            break
-    if want is None:
-        return None
-    added = False
-    for h, w in zip(have.dims, want.dims, strict=True):
-        if w == h:
-            continue
-        if h or any(a not in have.partial for a in w):
-            return None
-        added = True
-    return want if added else None
+            return target(g, m, s, mesh)
+    return None
 
 
 def target(g: Graph, meeting: Meeting, partner: Sharding, mesh: MeshShape) -> Sharding:
@@ -163,7 +239,7 @@ def _through(rule, known_map, known: Sharding, want_map, mesh: MeshShape) -> Sha
     return Sharding(tensor_dims(want_map, factors))
 
 
-def _meetings(g: Graph, vid: int) -> tuple[Meeting, ...]:
+def _meetings(g: Graph, vid: int, outputs: Mapping[int, int]) -> tuple[Meeting, ...]:
     values = g.values
     if not values[vid].shape:
         return ()
@@ -173,6 +249,8 @@ def _meetings(g: Graph, vid: int) -> tuple[Meeting, ...]:
     for _ in range(_DEPTH):
         nxt = []
         for v, path in frontier:
+            if v in outputs:
+                out.append(Meeting(path, -1, (), outputs[v]))
             for r in g.consumers.get(v, ()):
                 op = g.ops[r]
                 if op.primitive not in _PATH or op.rule is None or len(op.outputs) != 1:

@@ -137,7 +137,7 @@ class Prices:
         hit = self._reshard_cache.get(key)
         if hit is not None:
             return hit
-        if have.partial and want.dims != have.dims and not scatters(kind, groups, have, want):
+        if have.partial and want.dims != have.dims and not scatters(kind, groups, have, want, self.mesh):
             # A sum XLA does not reduce-scatter: all-reduced, then read from there (ir.propagate).
             whole = Sharding(have.dims)
             colls, _ = reshard(v, have, whole, self.mesh, groups or None)

@@ -17,6 +17,8 @@ auto-sharding; coarsening as there):
   layers, typically, as the decision space ties layers) behave alike and share their node: every
   node knows its strategy under every valid assignment (or a sample of them, in a large space);
 - a scan body is built once, its costs times the trip count.
+- a pending sum is resolved where propagation resolves it: into the layout of the step input its
+  readers meet, over the sum's node and that input's (search.ilp_sums).
 Inputs are nodes over the shardings their decisions allow; optimizer state shares its parameter's.
 Prices come from search.ilp_costs, memory rows from search.ilp_memory.
 """
@@ -36,7 +38,7 @@ from ir.graph import Graph, Op, Role, Value
 from ir.plan import name_pattern
 from ir.rules import OpRule
 from ir.sharding import Sharding
-from ir.sum_targets import resolution, scatters, sum_kind, sum_paths
+from ir.sum_targets import sum_paths
 from search.ilp_costs import Prices
 from search.ilp_factors import Factors, Groups, merge, op_strategies, result_sharding
 from search.ilp_memory import Liveness
@@ -53,10 +55,11 @@ from search.ilp_nodes import (
     known_assignments,
     reachable_pairs,
 )
+from search.ilp_sums import SumResolution
 from search.space import Assignment, DecisionSpace, opt_state_params
 
 
-class Builder:
+class Builder(SumResolution):
     """Builds the Model of one problem (see the module doc).
 
     Args:
@@ -115,6 +118,9 @@ class Builder:
         # (id of graph, value) -> its source as written, for sums resolved into a met input's
         # layout (`_to_partner`): memory counts the buffer the op writes.
         self._written: dict[tuple[int, int], Source] = {}
+        # id of a loop body -> per stacked output, the layout (per strategy of a node) a sum left
+        # in it is resolved into (ir.sum_targets.stacked_targets).
+        self._stacked: dict[int, dict[int, Source]] = {}
         self._seen: set[tuple] = set()
         self._merge_cache: dict[tuple, tuple] = {}
         self._strategy_cache: dict[OpRule, list[Factors]] = {}
@@ -293,68 +299,6 @@ class Builder:
             if targets[k] is not None:
                 self._read(g, vid, src[vid], _target(node, (targets[k],) * len(strategies)), mult)
                 src[vid] = self._const(targets[k])
-
-    def _to_partner(self, g: Graph, vid: int, have: Source, meetings, src, mult: int) -> Source:
-        """The first read of pending sum `vid` resolves it into the layout of the step input its
-        readers meet (ir.sum_targets.resolution, as ir.propagate does): per strategy of its node, or
-        per pair of strategies of its node and the met input's (a MERGE node over the two). Values
-        the meetings consult that depend on a third node are beyond the model: the sum is left to
-        its reader."""
-        a = have.node
-        consulted: list[int] = []
-        for m in meetings:
-            u = next((u for u in m.chain if u in src), None)
-            if u is None:
-                continue
-            consulted.append(u)
-            if not any(x.partial for x in src[u].shardings):
-                break  # this meeting decides under every strategy
-        others = list(dict.fromkeys(src[u].node for u in consulted if src[u].node not in (a, CONST_NODE)))
-        if len(others) > 1:
-            return have
-        b = others[0] if others else CONST_NODE
-        pairs = self.reachable(a, b) if others else [(i, 0) for i in range(self.nodes[a].size)]
-        known = _Known()
-        outcome: dict[tuple[Sharding, Groups], int] = {}
-        table = np.zeros((self.nodes[a].size, self.nodes[b].size), dtype=np.int64)
-        for i, j in pairs:
-            h = have.shardings[i]
-            want = None
-            if h.partial:
-                pick = {a: i, b: j, CONST_NODE: 0}
-                known.clear()
-                known.update((u, src[u].shardings[pick[src[u].node]]) for u in consulted)
-                want = resolution(g, meetings, h, known, self.constraint, self.mesh)
-                if want is not None and not scatters(sum_kind(g, vid), have.groups[i], h, want):
-                    want = Sharding(h.dims)  # all-reduced, then sliced where read (ir.propagate)
-            table[i, j] = outcome.setdefault(
-                (h, have.groups[i]) if want is None else (want, ()), len(outcome)
-            )
-        made = list(outcome)
-        if all(made[table[i, j]] == (have.shardings[i], have.groups[i]) for i, j in pairs):
-            return have
-        strategies = tuple(s for s, _ in made)
-        m = self.prices.matrix(g, vid, have, strategies) * mult  # [n_a, n_outcomes, P]
-        if not others:
-            # Every strategy of `a` resolves as it alone says: the read is charged to it.
-            rows = np.arange(table.shape[0])
-            self.nodes[a].cost += m[rows, table[:, 0]]
-            return Source(
-                a, tuple(strategies[t] for t in table[:, 0]), tuple(made[t][1] for t in table[:, 0])
-            )
-        name = f"{g.values[vid].name} (resolved)"
-        node = Node(NodeKind.MERGE, name, list(made), np.zeros((len(made), N_PARTS)))
-        na, nb = self.nodes[a].sample, self.nodes[b].sample
-        node.sample = table[na, nb] if na is not None and nb is not None else None
-        idx = self._add(node)
-        cost = m[np.arange(table.shape[0])[:, None], table]
-        self.combos[idx] = Combo(a, b, table, cost)
-        return Source(idx, strategies, tuple(gr for _, gr in made))
-
-    def _as_written(self, g: Graph, src: dict[int, Source]) -> dict[int, Source]:
-        """`src` with each sum resolved into a met input's layout as its op writes it."""
-        gid = id(g)
-        return {**src, **{vid: s for (k, vid), s in self._written.items() if k == gid}}
 
     def _pairs(self, reading: list[int]) -> int:
         return len(self.reachable(*reading))
@@ -547,6 +491,7 @@ class Builder:
             env[bid] = s
             if vid in batch:
                 body_batch.add(bid)
+        self._stacked[id(body)] = self._stacked_targets(g, op, src)
         inner = self._graph(body, env, trips, body_batch, None)
         for j, vid in enumerate(body.outputs):
             # The carry comes back as it went in; stacked outputs resolve their sums.
@@ -639,13 +584,6 @@ class Builder:
             return have.resolved()
         self._first_read.add((id(g), vid))
         return have
-
-
-class _Known(dict):
-    """Shardings of the values a resolution consults, None for the rest (not yet made)."""
-
-    def __missing__(self, key):
-        return None
 
 
 def _target(node: int, shardings: tuple[Sharding, ...]) -> Source:

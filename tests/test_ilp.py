@@ -29,7 +29,7 @@ from search.space import DecisionSpace, build_space
 from search.tactics import Batch, Constrain, apply_tactics
 
 MESH = MeshShape.parse("data=2,model=2")
-MLP, GPT = "builtin:mlp:tiny", "builtin:gpt:tiny"
+MLP, GPT, SCANNED = "builtin:mlp:tiny", "builtin:gpt:tiny", "builtin:llama:tiny:scan"
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def hardware():
 
 @pytest.fixture(scope="module")
 def graphs() -> dict[str, Graph]:
-    return {src: trace(resolve(src)) for src in (MLP, GPT)}
+    return {src: trace(resolve(src)) for src in (MLP, GPT, SCANNED)}
 
 
 def _problem(graph: Graph, hardware, **kwargs) -> SearchProblem:
@@ -116,21 +116,27 @@ def _assignments(space: DecisionSpace, ev: Evaluator, n: int) -> list:
     return list(dict.fromkeys([*ev.seeds(), *(valid[i] for i in picks)]))
 
 
-@pytest.mark.parametrize("src", [MLP, GPT])
+@pytest.mark.parametrize("src", [MLP, GPT, SCANNED])
 def test_model_derives_every_op_as_propagation_does(graphs, hardware, src):
     problem = _problem(graphs[src], hardware)
     space, ev, builder, model = _model(problem)
-    for a in _assignments(space, ev, 6):
-        chosen = model.evaluate(space, a).chosen
-        prop = ev.propagation(a)
-        for op in problem.graph.ops:
-            if op.rule is None or op.id not in problem.graph.live_ops:
+
+    def check(g: Graph, prop, chosen, a) -> None:
+        for op in g.ops:
+            if op.rule is None:  # a loop's body or a branch: its ops are derived too
+                for body, sub in zip(op.body, prop.bodies.get(op.id, ()), strict=False):
+                    check(body, sub, chosen, a)
                 continue
-            node, strategies = builder.decided[(id(problem.graph), op.id)]
+            if op.id not in g.live_ops:
+                continue
+            node, strategies = builder.decided[(id(g), op.id)]
             assert strategies[chosen[node]] == prop.ops[op.id].factors, (a, op.id, op.primitive)
 
+    for a in _assignments(space, ev, 6):
+        check(problem.graph, ev.propagation(a), model.evaluate(space, a).chosen, a)
 
-@pytest.mark.parametrize("src", [MLP, GPT])
+
+@pytest.mark.parametrize("src", [MLP, GPT, SCANNED])
 def test_model_prices_plans_like_the_simulator(graphs, hardware, src):
     problem = _problem(graphs[src], hardware)
     space, ev, _, model = _model(problem)

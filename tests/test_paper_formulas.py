@@ -184,6 +184,23 @@ def test_fsdp_tactics_alone_reduce_scatter_the_gradients(gpt):
     assert kinds[CollectiveKind.ALL_REDUCE] == 0
 
 
+def test_fsdp_gradients_of_a_scanned_model_are_reduce_scattered_inside_the_backward_loop():
+    """A scanned model's gradients leave the backward loop stacked per layer; the optimizer update
+    after the loop meets sharded state, and each layer's sum is reduce-scattered into that layout
+    inside the loop (as XLA propagates it), never all-reduced."""
+    g = trace(resolve("builtin:llama:tiny:scan"))
+    plan = apply_tactics(g, MESH, [Batch(("data",)), *_shard_each(g, Role.PARAM)])
+    prop = propagate_plan(g, plan)
+    (loop,) = [op for op in g.ops if op.primitive == "scan" and "transpose(" in op.scope]
+    body = prop.bodies[loop.id][0]
+    kinds = collections.Counter(c.kind for c in body.collectives if c.bytes > 4)
+    stacked = len(loop.outputs) - loop.params["num_carry"]
+    assert kinds[CollectiveKind.REDUCE_SCATTER] == stacked
+    assert kinds[CollectiveKind.ALL_REDUCE] == 0
+    for vid in loop.outputs[loop.params["num_carry"] :]:
+        assert prop.shardings[vid].used_axes == ("data",), g.values[vid].name
+
+
 # ------------------------------------------------------------------------------- Megatron-LM
 
 # Megatron-LM (arXiv 2104.04473 section 3.2; 2205.05198 section 4.2.2): with tensor parallelism
