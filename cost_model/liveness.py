@@ -43,9 +43,10 @@ from cost_model.compiler import (
 from cost_model.fusion import GENERATED, FusionCache, fused_and_aliased, fused_sources
 from ir.comm import CollectiveKind
 from ir.graph import Graph, Op
-from ir.propagate import Part, Propagation
+from ir.propagate import Propagation
 from ir.reshard import reshard
 from ir.sharding import Sharding
+from ir.spans import Part
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

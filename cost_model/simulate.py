@@ -24,7 +24,8 @@ from cost_model.memory import MemoryReport, TimelineCache, compiler_for, memory,
 from cost_model.meshes import MeshTopology, topology
 from ir.comm import Collective, CollectiveKind
 from ir.graph import Graph, Op, Role
-from ir.propagate import SPAN_OPS, Part, Propagation, propagate_plan
+from ir.propagate import Propagation, propagate_plan
+from ir.spans import SPAN_OPS, Part
 
 
 class Overlap(enum.Enum):

@@ -15,25 +15,27 @@ meet a few ops on, where that layout shards it over partial axes (the data-paral
 reduce-scattered into its optimizer state's or parameter's layout, as XLA's two-way propagation
 does: `ir.sum_targets`); else by a reduce-scatter when that reader wants it sharded along a
 partial axis, or by all-reduces, one per sharded reduction dim as XLA's partitioner emits them
-(a sum XLA does not reduce-scatter is all-reduced and sliced). The resolved sharding is the
-value's sharding from then on. `ir.reshard.reshard` prices every
-change of sharding the way XLA's SPMD partitioner carries it out (docs/xla-partitioner.md).
+(a sum XLA does not reduce-scatter is all-reduced and sliced). A loop body resolves a sum it
+leaves in a stacked output into the layout the ops after the loop meet. The resolved sharding is
+the value's sharding from then on. `ir.reshard.reshard` prices every change of sharding the way
+XLA's SPMD partitioner carries it out (docs/xla-partitioner.md).
 
 A searcher propagates thousands of plans of one graph: with a `PropagationCache`, the ops run in
-spans of `SPAN_OPS` consecutive ops, and a span entered with shardings seen before is replayed
-from what it did then (a `Part`), decisions, collectives and all, instead of propagated again.
+spans (`ir.spans`), and a span entered with shardings seen before is replayed from what it did
+then (a `Part`), decisions, collectives and all, instead of propagated again.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Mapping
 
 from ir.comm import Collective
 from ir.factors import assign_factors, result_shardings, tensor_dims
 from ir.graph import Graph, Op, Role, Value
 from ir.reshard import reshard
 from ir.sharding import MeshShape, Sharding
+from ir.spans import Part, PropagationCache, Span, layout
 from ir.sum_targets import resolution, scatters, stacked_targets, sum_kind, sum_paths
 
 Constraint = Callable[[Value], Sharding | None]
@@ -79,153 +81,6 @@ class Propagation:
     live: tuple[bool, ...]
     outputs: tuple[Sharding, ...]
     parts: tuple[Part, ...] = ()
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class _Span:
-    """A run of consecutive ops propagated as one unit (see `Part`).
-
-    Attributes:
-      index: its position among the graph's spans.
-      start, stop: op ids [start, stop).
-      reads: values its ops read that are made before it (inputs, constants, earlier results).
-      defs: values its ops make.
-      exported: those of `defs` read after the span or returned.
-      watched: values made before it that it does not read but whose shardings decide where a
-        pending sum it reads is resolved to (`ir.sum_targets`).
-    """
-
-    index: int
-    start: int
-    stop: int
-    reads: tuple[int, ...]
-    defs: tuple[int, ...]
-    exported: frozenset[int]
-    watched: tuple[int, ...] = ()
-
-
-@dataclasses.dataclass(frozen=True, slots=True, eq=False)
-class Part:
-    """What propagating one span of ops did, given the shardings of the values it reads.
-
-    Propagation is a pure function of those shardings (and of the sum groups of the pending sums
-    among them), so a span entered alike again is replayed from its Part instead of propagated.
-
-    Attributes:
-      span: the ops.
-      ops: the factor assignment of each op of the span.
-      defs: the sharding of each of the span's values at its end.
-      sum_groups: (value, groups) of the span's values left as pending sums.
-      collectives: every collective the span made, in order.
-      outside: per read of a value made before the span, in order: (index into `collectives`
-        where its collectives start, how many, value, sharding read, the value's sharding once
-        its pending sum is resolved or None). A read another span already made costs nothing.
-      inside_reads: (value, sharding read) of the span's exported values it read itself.
-      bodies: op id -> body propagations of the span's loops and branches.
-      rewritten: ids of the span's ops whose results are not stored as the op writes them (a
-        pending sum, or a constraint that lays them out otherwise).
-    """
-
-    span: _Span
-    ops: tuple[OpSharding | None, ...]
-    defs: tuple[Sharding | None, ...]
-    sum_groups: tuple[tuple[int, tuple], ...]
-    collectives: tuple[Collective, ...]
-    outside: tuple[tuple[int, int, int, Sharding, Sharding | None], ...]
-    inside_reads: tuple[tuple[int, Sharding], ...]
-    bodies: tuple[tuple[int, tuple[Propagation, ...]], ...]
-    rewritten: tuple[int, ...] = ()
-
-
-# Ops per span: long enough that replaying a span is much cheaper than propagating it, short
-# enough that a change of one input leaves most spans of a step entered as before. 8 measured
-# best of 4, 6, 8, 12, 16 on Llama-8B one-decision changes (benchmarks/sim_speed.py).
-SPAN_OPS = 8
-
-
-def _spans(graph: Graph) -> tuple[_Span, ...]:
-    n = len(graph.ops)
-    later_reads: set[int] = set(graph.outputs)
-    bounds = [(a, min(a + SPAN_OPS, n)) for a in range(0, n, SPAN_OPS)]
-    meetings = graph.derived("propagate.sum_paths", sum_paths)
-    producer = graph.producer
-    out = []
-    for index, (a, b) in reversed(list(enumerate(bounds))):
-        ops = graph.ops[a:b]
-        defs = tuple(v for op in ops for v in op.outputs)
-        mine = set(defs)
-        reads = tuple(dict.fromkeys(v for op in ops for v in op.inputs if v not in mine))
-        earlier = set(reads)
-        watched = tuple(
-            dict.fromkeys(
-                u
-                for op in ops
-                for v in _consulting(graph, op)
-                for m in meetings.get(v, ())
-                for u in m.chain
-                if u not in earlier and u not in mine and producer.get(u, -1) < a
-            )
-        )
-        exported = frozenset(v for v in defs if v in later_reads)
-        out.append(_Span(index, a, b, reads, defs, exported, watched))
-        later_reads.update(reads)
-    return tuple(reversed(out))
-
-
-def _consulting(graph: Graph, op: Op) -> tuple[int, ...]:
-    """The values whose meetings (`ir.sum_targets`) `op` consults: the sums it reads, or a loop's
-    stacked outputs (the layouts its body resolves sums into)."""
-    if op.primitive == "scan":
-        return op.outputs[op.params["num_carry"] :]
-    producer = graph.producer
-    return tuple(v for v in op.inputs if v in producer and graph.ops[producer[v]].primitive != "scan")
-
-
-class PropagationCache:
-    """Memo tables shared by many propagations of one graph on one mesh (a searcher's inner loop).
-
-    Propagation is a pure function of the input shardings, so each op's decision is a function of
-    its operands' shardings (and the constraints on its results), each read of a value a function
-    of (have, want), and each loop body's propagation a function of the shardings it is entered
-    with. Plans that differ in one decision share most of these, and a cached body is returned as
-    the same object, so costs computed per body (cost_model.simulate) can be cached by identity.
-    Keep one cache per (graph, mesh, constraint): keys hold graph identities, not contents.
-    """
-
-    def __init__(self):
-        self.ops: dict[tuple, tuple] = {}
-        self.reads: dict[tuple, tuple[list[Collective], Sharding]] = {}
-        self.reshards: dict[tuple, tuple[list[Collective], Sharding]] = {}  # by (shape, dtype, ...)
-        self.bodies: dict[tuple, Propagation] = {}
-        self.parts: dict[tuple, Part] = {}
-        self._keys: dict[tuple[int, Hashable], int] = {}
-        self._alive: list[Graph] = []  # graphs whose ids are in keys
-
-    def graph_key(self, graph: Graph, context: Hashable) -> int:
-        """A small number for (graph, `context`: what else its parts are replayed under)."""
-        k = (id(graph), context)
-        if k not in self._keys:
-            self._keys[k] = len(self._keys)
-            self._alive.append(graph)
-        return self._keys[k]
-
-    def __len__(self) -> int:
-        return len(self.ops) + len(self.reads) + len(self.reshards) + len(self.bodies) + len(self.parts)
-
-
-def _layout(graph: Graph, batch: frozenset[int]) -> tuple[tuple[_Span, ...], frozenset[int], tuple[int, ...]]:
-    """(spans, values derived from `batch`, per op its kind for decisions)."""
-    derived = set(batch)
-    for op in graph.ops:
-        if any(i in derived for i in op.inputs):
-            derived.update(op.outputs)
-    kinds: dict[tuple, int] = {}
-    op_kinds = graph.op_kinds
-    decides = tuple(
-        kinds.setdefault((op_kinds[op.id], tuple(i in derived for i in op.inputs)), len(kinds))
-        for op in graph.ops
-    )
-    return _spans(graph), frozenset(derived), decides
 
 
 def _start(graph: Graph) -> tuple[Sharding | None, ...]:
@@ -312,9 +167,9 @@ class _Propagator:
         # op its kind for decisions (ops of one `Graph.op_kinds` kind whose operands are alike
         # derived from the batch decide alike).
         spans, self.batch, self.kinds = graph.derived(
-            ("propagate.layout", batch_inputs), lambda g: _layout(g, batch_inputs)
+            ("propagate.layout", batch_inputs), lambda g: layout(g, batch_inputs)
         )
-        self.spans: tuple[_Span, ...] = spans if cache is not None else ()  # replayed with a cache
+        self.spans: tuple[Span, ...] = spans if cache is not None else ()  # replayed with a cache
         self.meetings = graph.derived("propagate.sum_paths", sum_paths)
 
     # -- driver ----------------------------------------------------------------------------------
@@ -371,7 +226,7 @@ class _Propagator:
 
     # -- spans: runs of ops replayed when entered alike ---------------------------------------------
 
-    def _span(self, span: _Span) -> None:
+    def _span(self, span: Span) -> None:
         cur = self.cur
         ins = tuple([cur[v] for v in span.reads])
         pending = tuple(self.sum_groups.get(v) for v, s in zip(span.reads, ins, strict=True) if s.partial)
@@ -383,7 +238,7 @@ class _Propagator:
             part = self.cache.parts[key] = self._record(span)
         self._apply(part)
 
-    def _record(self, span: _Span) -> Part:
+    def _record(self, span: Span) -> Part:
         """Propagates the span's ops, collecting what they do as a Part (applied by `_apply`)."""
         colls, self.colls = self.colls, []
         self.outside, self.before = [], set(span.reads)

@@ -10,7 +10,8 @@ import time
 from cost_model.meshes import topology
 from cost_model.simulate import CostReport, Overlap, Simulator
 from ir.plan import Plan, Provenance
-from ir.propagate import Propagation, PropagationCache, propagate
+from ir.propagate import Propagation, propagate
+from ir.spans import PropagationCache
 from search.baselines import baseline_plans
 from search.problem import Budget, CurvePoint, Progress, SearchProblem, SearchResult, Status
 from search.space import Assignment, DecisionSpace
