@@ -23,9 +23,10 @@ from search.ilp_nodes import CONST_NODE, N_PARTS, Combo, Node, NodeKind, Source
 class SumResolution:
     """Builder methods for resolving pending sums into met layouts (see the module doc).
 
-    Uses the builder's `nodes`, `combos`, `prices`, `mesh`, `constraint`, `reachable` and `_add`;
-    keeps `_written` ((id of graph, value) -> the source as its op writes it, for memory) and
-    `_stacked` (id of a loop body -> per stacked output, the layout per strategy of a node).
+    Uses the builder's `nodes`, `combos`, `by_key`, `prices`, `mesh`, `constraint`, `reachable`
+    and `_add`; keeps `_written` ((id of graph, value) -> the source as its op writes it, for
+    memory) and `_stacked` (id of a loop body -> per stacked output, the layout per strategy of a
+    node).
     """
 
     def _to_partner(self, g: Graph, vid: int, have: Source, meetings, src, mult: int) -> Source:
@@ -77,12 +78,20 @@ class SumResolution:
             return Source(
                 a, tuple(strategies[t] for t in table[:, 0]), tuple(made[t][1] for t in table[:, 0])
             )
+        cost = m[np.arange(table.shape[0])[:, None], table]
+        # The sums of one parameter in every layer resolve alike over the same two nodes (the
+        # decision space ties layers): one node serves them all, their reshards summed.
+        key = ("resolved", a, b, table.tobytes(), tuple(made))
+        idx = self.by_key.get(key)
+        if idx is not None:
+            self.nodes[idx].members += 1
+            self.combos[idx].cost += cost
+            return Source(idx, strategies, tuple(gr for _, gr in made))
         name = f"{g.values[vid].name} (resolved)"
         node = Node(NodeKind.MERGE, name, list(made), np.zeros((len(made), N_PARTS)))
         na, nb = self.nodes[a].sample, self.nodes[b].sample
         node.sample = table[na, nb] if na is not None and nb is not None else None
-        idx = self._add(node)
-        cost = m[np.arange(table.shape[0])[:, None], table]
+        idx = self.by_key[key] = self._add(node)
         self.combos[idx] = Combo(a, b, table, cost)
         return Source(idx, strategies, tuple(gr for _, gr in made))
 
