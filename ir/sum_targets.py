@@ -214,8 +214,19 @@ def _wanted(
             continue
         s = next((shardings[u] for u in m.chain if shardings[u] is not None), None)
         if s is not None and not s.partial:
-            return target(g, m, s, mesh)
+            # Mapped back once per (meeting, partner layout, mesh) and kept with the graph (a
+            # searcher asks again for every plan; the meetings live as long as the graph).
+            memo = g.derived("sum_targets.targets", _new_memo)
+            key = (id(m), s, mesh)
+            hit = memo.get(key)
+            if hit is None:
+                hit = memo[key] = target(g, m, s, mesh)
+            return hit
     return None
+
+
+def _new_memo(_: Graph) -> dict:
+    return {}
 
 
 def target(g: Graph, meeting: Meeting, partner: Sharding, mesh: MeshShape) -> Sharding:
