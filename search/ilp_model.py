@@ -304,9 +304,17 @@ class Builder(SumResolution):
         return len(self.reachable(*reading))
 
     def reachable(self, i: int, j: int) -> list[tuple[int, int]]:
+        """The strategy pairs of nodes i and j some valid assignment reaches. Known only when the
+        space was enumerated (`exact`); a sampled space keeps every pair, or an assignment outside
+        the sample would find its pair missing and take strategy 0 (measured on the tiny MoE:
+        249 op decisions over 6 plans differed from propagation)."""
         hit = self._reach_cache.get((i, j))
         if hit is None:
-            hit = self._reach_cache[(i, j)] = reachable_pairs(self.nodes[i], self.nodes[j])
+            if self.exact:
+                hit = reachable_pairs(self.nodes[i], self.nodes[j])
+            else:
+                hit = [(a, b) for a in range(self.nodes[i].size) for b in range(self.nodes[j].size)]
+            self._reach_cache[(i, j)] = hit
         return hit
 
     def _follow(self, rule: OpRule, operands, prios, proposing, fixed, node: int) -> list[Factors]:

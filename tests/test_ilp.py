@@ -30,6 +30,7 @@ from search.tactics import Batch, Constrain, apply_tactics
 
 MESH = MeshShape.parse("data=2,model=2")
 MLP, GPT, SCANNED = "builtin:mlp:tiny", "builtin:gpt:tiny", "builtin:llama:tiny:scan"
+MOE = "builtin:moe:tiny"  # its decision space is sampled, not enumerated (65,536 assignments)
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,7 @@ def hardware():
 
 @pytest.fixture(scope="module")
 def graphs() -> dict[str, Graph]:
-    return {src: trace(resolve(src)) for src in (MLP, GPT, SCANNED)}
+    return {src: trace(resolve(src)) for src in (MLP, GPT, SCANNED, MOE)}
 
 
 def _problem(graph: Graph, hardware, **kwargs) -> SearchProblem:
@@ -116,7 +117,7 @@ def _assignments(space: DecisionSpace, ev: Evaluator, n: int) -> list:
     return list(dict.fromkeys([*ev.seeds(), *(valid[i] for i in picks)]))
 
 
-@pytest.mark.parametrize("src", [MLP, GPT, SCANNED])
+@pytest.mark.parametrize("src", [MLP, GPT, SCANNED, MOE])
 def test_model_derives_every_op_as_propagation_does(graphs, hardware, src):
     problem = _problem(graphs[src], hardware)
     space, ev, builder, model = _model(problem)
