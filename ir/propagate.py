@@ -454,28 +454,9 @@ class _Propagator:
     ) -> Propagation:
         """A body's propagation, cached by the shardings it is entered and left with (and the
         layouts sums left in its stacked outputs are resolved into)."""
-        if self.cache is None:
+
+        def fresh() -> Propagation:
             return propagate(
-                body,
-                self.mesh,
-                inputs,
-                constraint=self.constraint,
-                outputs=outputs,
-                batch_inputs=batch,
-                stacked=stacked,
-            )
-        stacked_key = tuple(sorted((stacked or {}).items()))
-        self.cache.graph_key(body, batch)  # keeps the body alive while its id is a key
-        key = (
-            id(body),
-            tuple(inputs.get(b) for b in body.inputs),
-            tuple(sorted(outputs.items())),
-            batch,
-            stacked_key,
-        )
-        sub = self.cache.bodies.get(key)
-        if sub is None:
-            sub = propagate(
                 body,
                 self.mesh,
                 inputs,
@@ -485,6 +466,20 @@ class _Propagator:
                 cache=self.cache,
                 stacked=stacked,
             )
+
+        if self.cache is None:
+            return fresh()
+        self.cache.graph_key(body, batch)  # keeps the body alive while its id is a key
+        key = (
+            id(body),
+            tuple(inputs.get(b) for b in body.inputs),
+            tuple(sorted(outputs.items())),
+            batch,
+            tuple(sorted((stacked or {}).items())),
+        )
+        sub = self.cache.bodies.get(key)
+        if sub is None:
+            sub = fresh()
             self.cache.bodies[key] = sub
         return sub
 

@@ -129,9 +129,8 @@ class SumResolution:
         for j, vid in enumerate(op.outputs[nk:], start=nk):
             if vid not in meetings:
                 continue
-            consulted = [
-                (u, s) for u, s in self._consulted(g, meetings[vid], src, {}) if not isinstance(u, tuple)
-            ]
+            # With no stacked layouts given, only values are consulted (no ("out", j) entries).
+            consulted = self._consulted(g, meetings[vid], src, {})
             nodes = list(dict.fromkeys(s.node for _, s in consulted if s.node != CONST_NODE))
             if len(nodes) > 1:
                 continue
