@@ -153,12 +153,9 @@ class _Propagator:
             batch_inputs = frozenset(i for i in graph.inputs if graph.values[i].role is Role.BATCH)
         batch_inputs = frozenset(batch_inputs)
         self.cache = cache
-        # Parts are replayed per graph, batch and stacked targets (which decide resolutions).
-        self.gkey = (
-            cache.graph_key(graph, (batch_inputs, tuple(sorted(self.stacked.items()))))
-            if cache is not None
-            else None
-        )
+        # Parts are replayed per graph and batch; a span whose sums are resolved into a loop
+        # body's stacked outputs also per those outputs' given layouts (`Span.outputs`).
+        self.gkey = cache.graph_key(graph, batch_inputs) if cache is not None else None
         self.parts: list[Part] = []
         self.rewritten: list[int] = []  # ops whose results are not stored as written (see Part)
         self.outside: list | None = None  # while a span is recorded: its reads of earlier values
@@ -233,6 +230,8 @@ class _Propagator:
         key = (self.gkey, span.index, ins, pending)
         if span.watched:
             key += (tuple([cur[v] for v in span.watched]),)
+        if span.outputs:
+            key += (tuple([self.stacked.get(o) for o in span.outputs]),)
         part = self.cache.parts.get(key)
         if part is None:
             part = self.cache.parts[key] = self._record(span)

@@ -34,6 +34,8 @@ class Span:
       exported: those of `defs` read after the span or returned.
       watched: values made before it that it does not read but whose shardings decide where a
         pending sum it reads is resolved to (`ir.sum_targets`).
+      outputs: in a loop body, the indices of the stacked outputs whose given layouts decide
+        where a pending sum it reads is resolved to (`ir.sum_targets.stacked_targets`).
     """
 
     index: int
@@ -43,6 +45,7 @@ class Span:
     defs: tuple[int, ...]
     exported: frozenset[int]
     watched: tuple[int, ...] = ()
+    outputs: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True, slots=True, eq=False)
@@ -107,8 +110,19 @@ def spans_of(graph: Graph) -> tuple[Span, ...]:
                 if u not in earlier and u not in mine and producer.get(u, -1) < a
             )
         )
+        outputs = tuple(
+            sorted(
+                {
+                    m.output
+                    for op in ops
+                    for v in _consulting(graph, op)
+                    for m in meetings.get(v, ())
+                    if m.output >= 0
+                }
+            )
+        )
         exported = frozenset(v for v in defs if v in later_reads)
-        out.append(Span(index, a, b, reads, defs, exported, watched))
+        out.append(Span(index, a, b, reads, defs, exported, watched, outputs))
         later_reads.update(reads)
     return tuple(reversed(out))
 
