@@ -126,26 +126,35 @@ def describe_axes(axes: Sequence[str], mesh: MeshShape) -> str:
     return f"mesh axes {' × '.join(repr(a) for a in axes)} (size {sizes} = {mesh.axes_size(axes)})"
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(frozen=True, slots=True, eq=False)
 class Sharding:
     """Per tensor dim, the mesh axes it is split over; plus axes of a pending partial sum.
 
     Like `jax.sharding.PartitionSpec`, with one tuple per dim (empty = replicated).
     `partial` holds mesh axes over which each device has a partial sum of the value.
+
+    Shardings are interned: equal shardings are one object, so they compare and hash by
+    identity (they key every propagation and simulator cache, and a tuple of them hashes at the
+    speed of a tuple of ints).
     """
 
     dims: tuple[DimSharding, ...]
     partial: frozenset[str] = frozenset()
-    # Shardings key every propagation and simulator cache: the hash is computed once.
-    _hash: int = dataclasses.field(init=False, repr=False, compare=False, default=0)
 
-    def __post_init__(self):
-        object.__setattr__(self, "_hash", hash((self.dims, self.partial)))
+    def __new__(cls, dims: tuple[DimSharding, ...], partial: frozenset[str] = frozenset()):
+        key = (dims, partial)
+        hit = _INTERNED.get(key)
+        if hit is None:
+            hit = object.__new__(cls)
+            object.__setattr__(hit, "dims", dims)
+            object.__setattr__(hit, "partial", partial)
+            _INTERNED[key] = hit
+        return hit
 
-    def __hash__(self) -> int:
-        return self._hash
+    def __init__(self, dims: tuple[DimSharding, ...], partial: frozenset[str] = frozenset()):
+        pass  # made once, by __new__
 
-    def __reduce__(self):  # string hashes differ between processes: rebuild, never copy, the hash
+    def __reduce__(self):  # another process (a Ray worker, an Optuna journal) interns its own
         return (Sharding, (self.dims, self.partial))
 
     @classmethod
@@ -250,3 +259,4 @@ class Sharding:
 
 
 _REPLICATED: dict[int, Sharding] = {}  # Sharding.replicated(rank), made once per rank
+_INTERNED: dict[tuple, Sharding] = {}  # (dims, partial) -> the one Sharding of that value
