@@ -46,7 +46,7 @@ from ir.graph import Graph, Op
 from ir.propagate import Propagation
 from ir.reshard import reshard
 from ir.sharding import Sharding
-from ir.spans import Part
+from ir.spans import Part, spans_of
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -106,6 +106,7 @@ class TimelineCache:
         self.slices: dict[tuple, tuple] = {}
         self.moves: dict[tuple, bool] = {}  # (shape, dtype, have, want) -> whether a collective moves it
         self.steps: dict[tuple, tuple] = {}  # (part, fused set) -> what its ops do (see _part_steps)
+        self.runs: dict[int, tuple] = {}  # schedule -> its runs of whole spans (see _runs)
 
 
 def _order(g: Graph) -> tuple[list[Op], list[Op]]:
@@ -225,42 +226,14 @@ def _buffers(prop: Propagation, compiler: Compiler, cache: TimelineCache | None)
     w.sliced = _loop_slices(prop, scans, cache)
     producer = g.producer
     resolving = {producer[v] for v in resolutions}
-    written, last_read, out, copies = w.written, w.last_read, w.out, w.copies
+    written, last_read, out = w.written, w.last_read, w.out
     step = 0
     nodes = schedule(g, order, groups, compiler.breadth_first, cache.schedules if cache is not None else None)
     if steps is None:
         for n in nodes:
             step = _collective(groups[-1 - n], step, w) if n < 0 else w.visit(n, step)
     else:
-        entries = steps[0]
-        op_step = w.op_step if compiler.copies_donated_inputs else None
-        for n in nodes:
-            if n < 0:
-                step = _collective(groups[-1 - n], step, w)
-                continue
-            e = entries[n]
-            if e is None or n in resolving:
-                step = w.visit(n, step)
-                continue
-            reads, outs, copied = e
-            if copied:  # each operand read resharded: a copy made the first time (key), else reused
-                for key, b, root in copied:
-                    if key not in copies:
-                        step += 1
-                        copies[key] = [b, step, step]
-                        if root is not None:
-                            last_read[root] = step
-                step += 1
-                for key, _, _ in copied:
-                    copies[key][2] = step
-            else:
-                step += 1
-            for r in reads:
-                last_read[r] = step
-            for v in outs:
-                written[v] = step
-            if op_step is not None:
-                op_step[n] = step
+        step = _walk_parts(w, prop, steps, nodes, groups, resolving, cache)
     for vid in g.outputs:
         last_read[alias.get(vid, vid)] = step
     if compiler.copies_donated_inputs:
@@ -393,11 +366,7 @@ class _Walk:
             # A scan's stacked outputs are loop-state buffers filled from zeros, which depend on
             # nothing: a breadth-first schedule makes them at the start.
             written[vid] = 1 if compiler.breadth_first and vid in stacked else step
-            r = self.resolutions.get(vid)
-            if r is not None:
-                # The buffer the op writes, until the collective that reads it (set below).
-                self.partial[vid] = len(self.out)
-                self.out.append((_WRITTEN, vid, size(vid, Sharding(r.produced.dims)), step, step, None))
+        _written(self, op, step)  # its pending sums' buffers, until the collectives that read them
         return step
 
 
@@ -415,27 +384,167 @@ def _moves(prop: Propagation, vid: int, want: Sharding, cache: TimelineCache | N
     return colls
 
 
-def _steps(w: _Walk, parts: tuple[Part, ...]) -> tuple[list, list[tuple[int, ...]]]:
+def _steps(w: _Walk, parts: tuple[Part, ...]) -> tuple[list, list[tuple[int, ...]], list[tuple]]:
     """(per op id: (buffers it reads, values it writes) or None, per part: the live ops whose
-    results may be resolved). A part's steps are worked out the second time it is walked under
-    a fusion (see `_part_steps`); the first time, its ops are walked in full."""
+    results may be resolved, per part: its entry of `TimelineCache.steps`). A part's steps are
+    worked out the second time it is walked under a fusion (see `_part_steps`); the first time,
+    its ops are walked in full."""
     cache = w.cache
     live = w.prop.graph.live_ops
     entries: list = []
     resolvable = []
+    hits = []
     for part in parts:
         key = (id(part), id(w.fused))
         hit = cache.steps.get(key)
         if hit is None or hit[0] is not part or hit[1] is not w.fused:
             # Seen once: its steps are None (walked in full) until it is seen again.
-            hit = cache.steps[key] = (part, w.fused, None, tuple(n for n in part.rewritten if n in live))
+            hit = cache.steps[key] = (
+                part,
+                w.fused,
+                None,
+                tuple(n for n in part.rewritten if n in live),
+                None,
+            )
             entries.extend((None,) * (part.span.stop - part.span.start))
         else:
             if hit[2] is None:
-                hit = cache.steps[key] = (part, w.fused, _part_steps(w, part), hit[3])
+                made = _part_steps(w, part)
+                hit = cache.steps[key] = (part, w.fused, made, hit[3], _summary(w, part, made))
             entries.extend(hit[2])
         resolvable.append(hit[3])
-    return entries, resolvable
+        hits.append(hit)
+    return entries, resolvable, hits
+
+
+def _summary(w: _Walk, part: Part, entries: tuple) -> tuple | None:
+    """A part's steps as one move of the walk, when every live op of it is plain (reads its
+    operands as they are stored): (its live ops, per buffer read the last of them to read it,
+    per value written the one that writes it; 1-based). None if some op is not plain."""
+    live = w.prop.graph.live_ops
+    start = part.span.start
+    ids = tuple(n for n in range(start, part.span.stop) if n in live)
+    last: dict[int, int] = {}
+    outs = []
+    for k, n in enumerate(ids, 1):
+        e = entries[n - start]
+        if e is None or e[2]:
+            return None
+        for r in e[0]:
+            last[r] = k
+        outs.extend((v, k) for v in e[1])
+    return ids, tuple(last.items()), tuple(outs)
+
+
+def _walk_parts(
+    w: _Walk,
+    prop: Propagation,
+    steps: tuple,
+    nodes: list[int],
+    groups: list[list[Resolution]],
+    resolving: set[int],
+    cache: TimelineCache,
+) -> int:
+    """Walks the schedule of a propagation made of cached parts; returns the last step. A part
+    whose live ops run one after another, none of them special (`_summary`) and none of them
+    resolving a sum, moves the walk in one go; every other node is walked op by op."""
+    entries, _, hits = steps
+    last_read, written, copies = w.last_read, w.written, w.copies
+    op_step = w.op_step if w.compiler.copies_donated_inputs else None
+    live_spans = prop.graph.derived("liveness.live_spans", _live_spans)
+    ops = prop.graph.ops
+    step = 0
+    for span, n in _runs(prop.graph, nodes, cache):
+        if span >= 0:
+            hit = hits[span]
+            summary = hit[4]
+            if summary is not None:
+                ids, reads, outs = summary
+                for r, k in reads:
+                    last_read[r] = step + k
+                for v, k in outs:
+                    written[v] = step + k
+                if op_step is not None:
+                    for k, m in enumerate(ids, 1):
+                        op_step[m] = step + k
+                for m in hit[3]:
+                    if m in resolving:
+                        _written(w, ops[m], step + ids.index(m) + 1)
+                step += len(ids)
+                continue
+            todo = live_spans[span]
+        else:
+            todo = (n,)
+        for n in todo:
+            if n < 0:
+                step = _collective(groups[-1 - n], step, w)
+                continue
+            e = entries[n]
+            if e is None:
+                step = w.visit(n, step)
+                continue
+            reads, outs, copied = e
+            if copied:  # each operand read resharded: a copy made the first time (key), else reused
+                for key, b, root in copied:
+                    if key not in copies:
+                        step += 1
+                        copies[key] = [b, step, step]
+                        if root is not None:
+                            last_read[root] = step
+                step += 1
+                for key, _, _ in copied:
+                    copies[key][2] = step
+            else:
+                step += 1
+            for r in reads:
+                last_read[r] = step
+            for v in outs:
+                written[v] = step
+            if op_step is not None:
+                op_step[n] = step
+            if n in resolving:
+                _written(w, ops[n], step)
+    return step
+
+
+def _written(w: _Walk, op: Op, step: int) -> None:
+    """The buffers an op writes its pending sums into, until the collectives that read them."""
+    for vid in op.outputs:
+        r = w.resolutions.get(vid)
+        if r is not None:
+            w.written[vid] = step
+            w.partial[vid] = len(w.out)
+            w.out.append((_WRITTEN, vid, w.size(vid, Sharding(r.produced.dims)), step, step, None))
+
+
+def _runs(g: Graph, nodes: list[int], cache: TimelineCache) -> list[tuple[int, int]]:
+    """The schedule as (span index, -1) for each span whose live ops run one after another with
+    nothing between, and (-1, node) for every other node; kept with the schedule."""
+    hit = cache.runs.get(id(nodes))
+    if hit is not None and hit[0] is nodes:
+        return hit[1]
+    spans = g.derived("liveness.live_spans", _live_spans)
+    span_of = {n: i for i, ids in enumerate(spans) for n in ids}
+    out = []
+    pos = 0
+    while pos < len(nodes):
+        n = nodes[pos]
+        if n >= 0:
+            i = span_of[n]
+            ids = spans[i]
+            if ids[0] == n and tuple(nodes[pos : pos + len(ids)]) == ids:
+                out.append((i, -1))
+                pos += len(ids)
+                continue
+        out.append((-1, n))
+        pos += 1
+    cache.runs[id(nodes)] = (nodes, out)
+    return out
+
+
+def _live_spans(g: Graph) -> tuple[tuple[int, ...], ...]:
+    """Per span of `g` (ir.spans), its live op ids."""
+    return tuple(tuple(n for n in range(s.start, s.stop) if n in g.live_ops) for s in spans_of(g))
 
 
 def _part_steps(w: _Walk, part: Part) -> tuple:

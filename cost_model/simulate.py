@@ -179,6 +179,7 @@ class Simulator:
             + len(t.fusion)
             + len(t.sources)
             + len(t.steps)
+            + len(t.runs)
         )
 
     def report(self, prop: Propagation, top_ops: int = 10) -> CostReport:
