@@ -107,6 +107,7 @@ class TimelineCache:
         self.moves: dict[tuple, bool] = {}  # (shape, dtype, have, want) -> whether a collective moves it
         self.steps: dict[tuple, tuple] = {}  # (part, fused set) -> what its ops do (see _part_steps)
         self.runs: dict[int, tuple] = {}  # schedule -> its runs of whole spans (see _runs)
+        self.footprints: dict[tuple, tuple] = {}  # (graph, input and output shardings) -> bytes
 
 
 def _order(g: Graph) -> tuple[list[Op], list[Op]]:

@@ -85,8 +85,18 @@ def memory_peak(
     cache: TimelineCache | None = None,
 ) -> int:
     """`memory(...).peak` without the breakdown (what a searcher compares)."""
-    args, _, outs, aliased = _footprint(prop, donated, compiler, cache.sizes if cache is not None else None)
-    return args + outs - aliased + temp_peak(prop, compiler, cache)
+    if cache is None:
+        args, _, outs, aliased = _footprint(prop, donated, compiler)
+        return args + outs - aliased + temp_peak(prop, compiler)
+    # Arguments and results are a function of the shardings the step takes and returns.
+    g = prop.graph
+    shardings = prop.shardings
+    key = (id(g), tuple([shardings[v] for v in g.inputs]), prop.outputs, donated)
+    hit = cache.footprints.get(key)
+    if hit is None or hit[0] is not g:
+        args, _, outs, aliased = _footprint(prop, donated, compiler, cache.sizes)
+        hit = cache.footprints[key] = (g, args + outs - aliased)
+    return hit[1] + temp_peak(prop, compiler, cache)
 
 
 def _footprint(

@@ -226,7 +226,7 @@ class _Propagator:
     def _span(self, span: Span) -> None:
         cur = self.cur
         ins = tuple([cur[v] for v in span.reads])
-        pending = tuple(self.sum_groups.get(v) for v, s in zip(span.reads, ins, strict=True) if s.partial)
+        pending = tuple([self.sum_groups.get(v) for v in span.summable if cur[v].partial])
         key = (self.gkey, span.index, ins, pending)
         if span.watched:
             key += (tuple([cur[v] for v in span.watched]),)
@@ -266,8 +266,7 @@ class _Propagator:
         span = part.span
         self.ops[span.start : span.stop] = part.ops
         cur = self.cur
-        for v, s in zip(span.defs, part.defs, strict=True):
-            cur[v] = s
+        any(map(cur.__setitem__, span.defs, part.defs))  # cur[v] = s for each, at C speed
         for v, groups in part.sum_groups:
             self.sum_groups[v] = groups
         colls = part.collectives
@@ -436,7 +435,7 @@ class _Propagator:
         stacked = stacked_targets(self.g, op, self.meetings, self.cur, self.constraint, self.mesh)
         sub = self._body(body, body_in, carry_out, frozenset(body_batch), stacked)
         self.bodies[op.id] = (sub,)
-        self.colls.extend(dataclasses.replace(c, count=c.count * op.trip_count) for c in sub.collectives)
+        self.colls.extend(self._repeated(sub, op.trip_count))
         for j, vid in enumerate(op.outputs):
             if j < nk:
                 self.cur[vid] = carry_out[j]
@@ -481,6 +480,17 @@ class _Propagator:
             sub = fresh()
             self.cache.bodies[key] = sub
         return sub
+
+    def _repeated(self, sub: Propagation, times: int) -> tuple[Collective, ...]:
+        """A loop body's collectives, each run `times` times (per body object with a cache)."""
+        if self.cache is None:
+            return tuple(dataclasses.replace(c, count=c.count * times) for c in sub.collectives)
+        key = (id(sub), times)
+        hit = self.cache.repeated.get(key)
+        if hit is None or hit[0] is not sub:
+            made = tuple(dataclasses.replace(c, count=c.count * times) for c in sub.collectives)
+            hit = self.cache.repeated[key] = (sub, made)
+        return hit[1]
 
     def _cond(self, op: Op) -> None:
         self._resolved(op.inputs[0])

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from ir.comm import Collective
 from ir.graph import Graph, Op
+from ir.rules import FactorKind
 from ir.sharding import Sharding
 from ir.sum_targets import sum_paths
 
@@ -34,6 +35,8 @@ class Span:
       exported: those of `defs` read after the span or returned.
       watched: values made before it that it does not read but whose shardings decide where a
         pending sum it reads is resolved to (`ir.sum_targets`).
+      summable: those of `reads` that may be pending sums (made by an op with a reduction
+        factor), in order.
       outputs: in a loop body, the indices of the stacked outputs whose given layouts decide
         where a pending sum it reads is resolved to (`ir.sum_targets.stacked_targets`).
     """
@@ -45,6 +48,7 @@ class Span:
     defs: tuple[int, ...]
     exported: frozenset[int]
     watched: tuple[int, ...] = ()
+    summable: tuple[int, ...] = ()
     outputs: tuple[int, ...] = ()
 
 
@@ -122,9 +126,15 @@ def spans_of(graph: Graph) -> tuple[Span, ...]:
             )
         )
         exported = frozenset(v for v in defs if v in later_reads)
-        out.append(Span(index, a, b, reads, defs, exported, watched, outputs))
+        summable = tuple(v for v in reads if v in producer and _sums(graph.ops[producer[v]]))
+        out.append(Span(index, a, b, reads, defs, exported, watched, summable, outputs))
         later_reads.update(reads)
     return tuple(reversed(out))
+
+
+def _sums(op: Op) -> bool:
+    """Whether `op` may leave its results pending sums (its rule has a reduction factor)."""
+    return op.rule is not None and FactorKind.REDUCTION in op.rule.kinds
 
 
 def _consulting(graph: Graph, op: Op) -> tuple[int, ...]:
@@ -153,6 +163,7 @@ class PropagationCache:
         self.reshards: dict[tuple, tuple[list[Collective], Sharding]] = {}  # by (shape, dtype, ...)
         self.bodies: dict[tuple, Propagation] = {}
         self.parts: dict[tuple, Part] = {}
+        self.repeated: dict[tuple, tuple] = {}  # (body, trip count) -> its collectives repeated
         self._keys: dict[tuple[int, Hashable], int] = {}
         self._alive: list[Graph] = []  # graphs whose ids are in keys
 
@@ -165,7 +176,14 @@ class PropagationCache:
         return self._keys[k]
 
     def __len__(self) -> int:
-        return len(self.ops) + len(self.reads) + len(self.reshards) + len(self.bodies) + len(self.parts)
+        return (
+            len(self.ops)
+            + len(self.reads)
+            + len(self.reshards)
+            + len(self.bodies)
+            + len(self.parts)
+            + len(self.repeated)
+        )
 
 
 def layout(graph: Graph, batch: frozenset[int]) -> tuple[tuple[Span, ...], frozenset[int], tuple[int, ...]]:
