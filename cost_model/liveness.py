@@ -107,7 +107,6 @@ class TimelineCache:
         self.moves: dict[tuple, bool] = {}  # (shape, dtype, have, want) -> whether a collective moves it
         self.steps: dict[tuple, tuple] = {}  # (part, fused set) -> what its ops do (see _part_steps)
         self.runs: dict[int, tuple] = {}  # schedule -> its runs of whole spans (see _runs)
-        self.footprints: dict[tuple, tuple] = {}  # (graph, input and output shardings) -> bytes
 
 
 def _order(g: Graph) -> tuple[list[Op], list[Op]]:
@@ -188,7 +187,7 @@ def _buffers(prop: Propagation, compiler: Compiler, cache: TimelineCache | None)
     if steps is None:
         maybe = order
     else:
-        maybe = [g.ops[n] for t in steps[1] for n in t]
+        maybe = [g.ops[n] for hit in steps for n in hit[3]]
     shardings = prop.shardings
     gid = id(g)
     for op in maybe:
@@ -385,37 +384,26 @@ def _moves(prop: Propagation, vid: int, want: Sharding, cache: TimelineCache | N
     return colls
 
 
-def _steps(w: _Walk, parts: tuple[Part, ...]) -> tuple[list, list[tuple[int, ...]], list[tuple]]:
-    """(per op id: (buffers it reads, values it writes) or None, per part: the live ops whose
-    results may be resolved, per part: its entry of `TimelineCache.steps`). A part's steps are
-    worked out the second time it is walked under a fusion (see `_part_steps`); the first time,
-    its ops are walked in full."""
+def _steps(w: _Walk, parts: tuple[Part, ...]) -> list[tuple]:
+    """Per part, its entry of `TimelineCache.steps`: (part, fusion, per op of its span what it
+    does to the timeline or None (`_part_steps`), the live ops whose results may be resolved,
+    the part as one move of the walk or None (`_summary`)). A part's steps are worked out the
+    second time it is walked under a fusion; the first time, its ops are walked in full."""
     cache = w.cache
     live = w.prop.graph.live_ops
-    entries: list = []
-    resolvable = []
     hits = []
     for part in parts:
         key = (id(part), id(w.fused))
         hit = cache.steps.get(key)
         if hit is None or hit[0] is not part or hit[1] is not w.fused:
             # Seen once: its steps are None (walked in full) until it is seen again.
-            hit = cache.steps[key] = (
-                part,
-                w.fused,
-                None,
-                tuple(n for n in part.rewritten if n in live),
-                None,
-            )
-            entries.extend((None,) * (part.span.stop - part.span.start))
-        else:
-            if hit[2] is None:
-                made = _part_steps(w, part)
-                hit = cache.steps[key] = (part, w.fused, made, hit[3], _summary(w, part, made))
-            entries.extend(hit[2])
-        resolvable.append(hit[3])
+            resolvable = tuple(n for n in part.rewritten if n in live)
+            hit = cache.steps[key] = (part, w.fused, None, resolvable, None)
+        elif hit[2] is None:
+            made = _part_steps(w, part)
+            hit = cache.steps[key] = (part, w.fused, made, hit[3], _summary(w, part, made))
         hits.append(hit)
-    return entries, resolvable, hits
+    return hits
 
 
 def _summary(w: _Walk, part: Part, entries: tuple) -> tuple | None:
@@ -440,7 +428,7 @@ def _summary(w: _Walk, part: Part, entries: tuple) -> tuple | None:
 def _walk_parts(
     w: _Walk,
     prop: Propagation,
-    steps: tuple,
+    hits: list[tuple],
     nodes: list[int],
     groups: list[list[Resolution]],
     resolving: set[int],
@@ -449,10 +437,10 @@ def _walk_parts(
     """Walks the schedule of a propagation made of cached parts; returns the last step. A part
     whose live ops run one after another, none of them special (`_summary`) and none of them
     resolving a sum, moves the walk in one go; every other node is walked op by op."""
-    entries, _, hits = steps
+
     last_read, written, copies = w.last_read, w.written, w.copies
     op_step = w.op_step if w.compiler.copies_donated_inputs else None
-    live_spans = prop.graph.derived("liveness.live_spans", _live_spans)
+    live_spans, span_of = prop.graph.derived("liveness.live_spans", _live_spans)
     ops = prop.graph.ops
     step = 0
     for span, n in _runs(prop.graph, nodes, cache):
@@ -474,13 +462,15 @@ def _walk_parts(
                 step += len(ids)
                 continue
             todo = live_spans[span]
+        elif n < 0:
+            step = _collective(groups[-1 - n], step, w)
+            continue
         else:
             todo = (n,)
+            hit = hits[span_of[n]]
+        entries, start = hit[2], hit[0].span.start
         for n in todo:
-            if n < 0:
-                step = _collective(groups[-1 - n], step, w)
-                continue
-            e = entries[n]
+            e = entries[n - start] if entries is not None else None
             if e is None:
                 step = w.visit(n, step)
                 continue
@@ -524,8 +514,7 @@ def _runs(g: Graph, nodes: list[int], cache: TimelineCache) -> list[tuple[int, i
     hit = cache.runs.get(id(nodes))
     if hit is not None and hit[0] is nodes:
         return hit[1]
-    spans = g.derived("liveness.live_spans", _live_spans)
-    span_of = {n: i for i, ids in enumerate(spans) for n in ids}
+    spans, span_of = g.derived("liveness.live_spans", _live_spans)
     out = []
     pos = 0
     while pos < len(nodes):
@@ -543,9 +532,13 @@ def _runs(g: Graph, nodes: list[int], cache: TimelineCache) -> list[tuple[int, i
     return out
 
 
-def _live_spans(g: Graph) -> tuple[tuple[int, ...], ...]:
-    """Per span of `g` (ir.spans), its live op ids."""
-    return tuple(tuple(n for n in range(s.start, s.stop) if n in g.live_ops) for s in spans_of(g))
+def _live_spans(g: Graph) -> tuple[tuple[tuple[int, ...], ...], dict[int, int]]:
+    """(per span of `g` (ir.spans), its live op ids; per op id, its span)."""
+    spans = spans_of(g)
+    return (
+        tuple(tuple(n for n in range(s.start, s.stop) if n in g.live_ops) for s in spans),
+        {n: s.index for s in spans for n in range(s.start, s.stop)},
+    )
 
 
 def _part_steps(w: _Walk, part: Part) -> tuple:

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 
 from cost_model.compiler import XLA_CPU, XLA_GPU, Compiler, compiler_for, local_bytes
 from cost_model.liveness import Buffer, TimelineCache, peak, temp_peak, timeline
-from ir.graph import Role
+from ir.graph import Graph, Role
 from ir.propagate import Propagation
 
 _INPUT_KINDS = {Role.PARAM: "params", Role.OPT_STATE: "optimizer_state", Role.BATCH: "batch"}
@@ -85,18 +85,8 @@ def memory_peak(
     cache: TimelineCache | None = None,
 ) -> int:
     """`memory(...).peak` without the breakdown (what a searcher compares)."""
-    if cache is None:
-        args, _, outs, aliased = _footprint(prop, donated, compiler)
-        return args + outs - aliased + temp_peak(prop, compiler)
-    # Arguments and results are a function of the shardings the step takes and returns.
-    g = prop.graph
-    shardings = prop.shardings
-    key = (id(g), tuple([shardings[v] for v in g.inputs]), prop.outputs, donated)
-    hit = cache.footprints.get(key)
-    if hit is None or hit[0] is not g:
-        args, _, outs, aliased = _footprint(prop, donated, compiler, cache.sizes)
-        hit = cache.footprints[key] = (g, args + outs - aliased)
-    return hit[1] + temp_peak(prop, compiler, cache)
+    args, _, outs, aliased = _footprint(prop, donated, compiler, cache.sizes if cache is not None else None)
+    return args + outs - aliased + temp_peak(prop, compiler, cache)
 
 
 def _footprint(
@@ -120,25 +110,31 @@ def _footprint(
 
     by_kind: dict[str, int] = {}
     args = 0
-    for vid in g.inputs:
-        v = g.values[vid]
-        b = size(vid, prop.shardings[vid])
+    shardings = prop.shardings
+    known = sizes.get
+    for vid, kind in zip(g.inputs, g.derived("memory.input_kinds", _input_kinds), strict=True):
+        s = shardings[vid]
+        b = known((gid, vid, s)) or size(vid, s)
         args += b
-        kind = _INPUT_KINDS.get(v.role, "inputs")
         by_kind[kind] = by_kind.get(kind, 0) + b
     # A step with several results returns a tuple: a buffer of one pointer per result.
     outs = compiler.pointer_bytes * len(g.outputs) if len(g.outputs) > 1 else 0
     aliased = 0
     used_donors: set[int] = set()
     for k, (vid, s) in enumerate(zip(g.outputs, prop.outputs, strict=True)):
-        b = size(vid, s)
+        b = known((gid, vid, s)) or size(vid, s)
         outs += b
         src = g.output_alias[k] if k < len(g.output_alias) else -1
         if src in donated and src not in used_donors:
-            if size(src, prop.shardings[src]) == b:
+            if size(src, shardings[src]) == b:
                 aliased += b
                 used_donors.add(src)
     return args, by_kind, outs, aliased
+
+
+def _input_kinds(g: Graph) -> tuple[str, ...]:
+    """Per input of `g`, the kind of argument it is (for the breakdown)."""
+    return tuple(_INPUT_KINDS.get(g.values[vid].role, "inputs") for vid in g.inputs)
 
 
 def _kind_of(name: str) -> str:
