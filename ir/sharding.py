@@ -145,10 +145,12 @@ class Sharding:
         key = (dims, partial)
         hit = _INTERNED.get(key)
         if hit is None:
-            hit = object.__new__(cls)
-            object.__setattr__(hit, "dims", dims)
-            object.__setattr__(hit, "partial", partial)
-            _INTERNED[key] = hit
+            made = object.__new__(cls)
+            object.__setattr__(made, "dims", dims)
+            object.__setattr__(made, "partial", partial)
+            # setdefault is one step under the GIL: two threads making the same sharding at
+            # once still share one object.
+            hit = _INTERNED.setdefault(key, made)
         return hit
 
     def __init__(self, dims: tuple[DimSharding, ...], partial: frozenset[str] = frozenset()):

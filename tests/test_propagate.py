@@ -209,12 +209,27 @@ def test_reshard_table(have, want, expect):
     assert [(c.kind, c.axes, c.bytes) for c in colls] == expect
 
 
-def test_sharding_hash_survives_pickling_and_copies():
-    # Shardings cache their hash; a pickled one (Ray workers, Optuna journals) rebuilds it.
+def test_shardings_are_interned_through_pickling_copies_and_threads():
+    # Shardings are one object per value and compare by identity: a pickled one (Ray workers,
+    # Optuna journals), a copy, a replace, or one made by another thread must be that object.
     import copy
     import pickle
+    import threading
 
     s = S("data", None, partial=("model",))
     for t in (pickle.loads(pickle.dumps(s)), copy.deepcopy(s), dataclasses.replace(s)):
-        assert t == s and hash(t) == hash(s) and {s: 1}[t] == 1
-    assert hash(dataclasses.replace(s, partial=frozenset())) == hash(S("data", None))
+        assert t is s and t == s and hash(t) == hash(s) and {s: 1}[t] == 1
+    assert dataclasses.replace(s, partial=frozenset()) is S("data", None)
+    assert S("data", None) != S(None, "data") and S("data", None) != s
+
+    made: list = []
+
+    def make():
+        made.extend(Sharding(((f"t{i}",), ())) for i in range(500))
+
+    threads = [threading.Thread(target=make) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len({id(m) for m in made}) == 500
