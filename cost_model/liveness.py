@@ -41,12 +41,11 @@ from cost_model.compiler import (
     schedule,
 )
 from cost_model.fusion import GENERATED, FusionCache, fused_and_aliased, fused_sources
+from cost_model.part_steps import live_spans, moves, part_hits, runs
 from ir.comm import CollectiveKind
 from ir.graph import Graph, Op
 from ir.propagate import Propagation
-from ir.reshard import reshard
 from ir.sharding import Sharding
-from ir.spans import Part, spans_of
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -105,8 +104,8 @@ class TimelineCache:
         self.sizes: dict[tuple, int] = {}
         self.slices: dict[tuple, tuple] = {}
         self.moves: dict[tuple, bool] = {}  # (shape, dtype, have, want) -> whether a collective moves it
-        self.steps: dict[tuple, tuple] = {}  # (part, fused set) -> what its ops do (see _part_steps)
-        self.runs: dict[int, tuple] = {}  # schedule -> its runs of whole spans (see _runs)
+        self.steps: dict[tuple, tuple] = {}  # (part, fused set) -> what its ops do (see part_steps)
+        self.runs: dict[int, tuple] = {}  # schedule -> its runs of whole spans (see part_steps.runs)
 
 
 def _order(g: Graph) -> tuple[list[Op], list[Op]]:
@@ -181,7 +180,7 @@ def _buffers(prop: Propagation, compiler: Compiler, cache: TimelineCache | None)
     w = _Walk(prop, compiler, cache, fused, alias, library, memo, sizes)
     # Per op of a cached propagation: what it does to the timeline, worked out once per (Part,
     # fusion) (see `_steps`); None where the op is walked in full.
-    steps = _steps(w, prop.parts) if cache is not None and prop.parts else None
+    steps = part_hits(w, prop.parts) if cache is not None and prop.parts else None
 
     resolutions = w.resolutions
     if steps is None:
@@ -326,8 +325,8 @@ class _Walk:
                 continue
             key = (vid, want.dims)
             if key not in copies:
-                moves = _moves(prop, vid, want, cache)
-                if not moves and vid in fused:
+                moved = moves(prop, vid, want, cache)
+                if not moved and vid in fused:
                     if op.id in self.library:
                         # A library reads the slice: the value's producer writes it (see fusion).
                         copies[key] = [size(vid, want), written[vid], written[vid]]
@@ -335,7 +334,7 @@ class _Walk:
                         continue
                     targets.append(None)  # a local slice of a fused value fuses too
                     continue
-                if not moves and vid in g.producer and g.ops[g.producer[vid]].primitive in GENERATED:
+                if not moved and vid in g.producer and g.ops[g.producer[vid]].primitive in GENERATED:
                     # A slice of a broadcast or iota is a smaller one: made at the size read.
                     sliced[vid] = max(sliced.get(vid, 0), size(vid, want))
                     targets.append(None)
@@ -370,61 +369,6 @@ class _Walk:
         return step
 
 
-def _moves(prop: Propagation, vid: int, want: Sharding, cache: TimelineCache | None) -> bool:
-    """Whether reading value `vid` as `want` takes a collective (else it is a local slice)."""
-    g = prop.graph
-    have = prop.shardings[vid]
-    if cache is None:
-        return bool(reshard(g.values[vid], have, Sharding(want.dims), prop.mesh)[0])
-    v = g.values[vid]
-    key = (v.shape, v.dtype, have, want)  # values of one shape and dtype move alike
-    colls = cache.moves.get(key)
-    if colls is None:
-        colls = cache.moves[key] = bool(reshard(v, have, Sharding(want.dims), prop.mesh)[0])
-    return colls
-
-
-def _steps(w: _Walk, parts: tuple[Part, ...]) -> list[tuple]:
-    """Per part, its entry of `TimelineCache.steps`: (part, fusion, per op of its span what it
-    does to the timeline or None (`_part_steps`), the live ops whose results may be resolved,
-    the part as one move of the walk or None (`_summary`)). A part's steps are worked out the
-    second time it is walked under a fusion; the first time, its ops are walked in full."""
-    cache = w.cache
-    live = w.prop.graph.live_ops
-    hits = []
-    for part in parts:
-        key = (id(part), id(w.fused))
-        hit = cache.steps.get(key)
-        if hit is None or hit[0] is not part or hit[1] is not w.fused:
-            # Seen once: its steps are None (walked in full) until it is seen again.
-            resolvable = tuple(n for n in part.rewritten if n in live)
-            hit = cache.steps[key] = (part, w.fused, None, resolvable, None)
-        elif hit[2] is None:
-            made = _part_steps(w, part)
-            hit = cache.steps[key] = (part, w.fused, made, hit[3], _summary(w, part, made))
-        hits.append(hit)
-    return hits
-
-
-def _summary(w: _Walk, part: Part, entries: tuple) -> tuple | None:
-    """A part's steps as one move of the walk, when every live op of it is plain (reads its
-    operands as they are stored): (its live ops, per buffer read the last of them to read it,
-    per value written the one that writes it; 1-based). None if some op is not plain."""
-    live = w.prop.graph.live_ops
-    start = part.span.start
-    ids = tuple(n for n in range(start, part.span.stop) if n in live)
-    last: dict[int, int] = {}
-    outs = []
-    for k, n in enumerate(ids, 1):
-        e = entries[n - start]
-        if e is None or e[2]:
-            return None
-        for r in e[0]:
-            last[r] = k
-        outs.extend((v, k) for v in e[1])
-    return ids, tuple(last.items()), tuple(outs)
-
-
 def _walk_parts(
     w: _Walk,
     prop: Propagation,
@@ -435,15 +379,14 @@ def _walk_parts(
     cache: TimelineCache,
 ) -> int:
     """Walks the schedule of a propagation made of cached parts; returns the last step. A part
-    whose live ops run one after another, none of them special (`_summary`) and none of them
+    whose live ops run one after another, none of them special (`part_steps.summary`) and none of them
     resolving a sum, moves the walk in one go; every other node is walked op by op."""
-
     last_read, written, copies = w.last_read, w.written, w.copies
     op_step = w.op_step if w.compiler.copies_donated_inputs else None
-    live_spans, span_of = prop.graph.derived("liveness.live_spans", _live_spans)
+    spans, span_of = prop.graph.derived("liveness.live_spans", live_spans)
     ops = prop.graph.ops
     step = 0
-    for span, n in _runs(prop.graph, nodes, cache):
+    for span, n in runs(prop.graph, nodes, cache):
         if span >= 0:
             hit = hits[span]
             summary = hit[4]
@@ -461,7 +404,7 @@ def _walk_parts(
                         _written(w, ops[m], step + ids.index(m) + 1)
                 step += len(ids)
                 continue
-            todo = live_spans[span]
+            todo = spans[span]
         elif n < 0:
             step = _collective(groups[-1 - n], step, w)
             continue
@@ -506,85 +449,6 @@ def _written(w: _Walk, op: Op, step: int) -> None:
             w.written[vid] = step
             w.partial[vid] = len(w.out)
             w.out.append((_WRITTEN, vid, w.size(vid, Sharding(r.produced.dims)), step, step, None))
-
-
-def _runs(g: Graph, nodes: list[int], cache: TimelineCache) -> list[tuple[int, int]]:
-    """The schedule as (span index, -1) for each span whose live ops run one after another with
-    nothing between, and (-1, node) for every other node; kept with the schedule."""
-    hit = cache.runs.get(id(nodes))
-    if hit is not None and hit[0] is nodes:
-        return hit[1]
-    spans, span_of = g.derived("liveness.live_spans", _live_spans)
-    out = []
-    pos = 0
-    while pos < len(nodes):
-        n = nodes[pos]
-        if n >= 0:
-            i = span_of[n]
-            ids = spans[i]
-            if ids[0] == n and tuple(nodes[pos : pos + len(ids)]) == ids:
-                out.append((i, -1))
-                pos += len(ids)
-                continue
-        out.append((-1, n))
-        pos += 1
-    cache.runs[id(nodes)] = (nodes, out)
-    return out
-
-
-def _live_spans(g: Graph) -> tuple[tuple[tuple[int, ...], ...], dict[int, int]]:
-    """(per span of `g` (ir.spans), its live op ids; per op id, its span)."""
-    spans = spans_of(g)
-    return (
-        tuple(tuple(n for n in range(s.start, s.stop) if n in g.live_ops) for s in spans),
-        {n: s.index for s in spans for n in range(s.start, s.stop)},
-    )
-
-
-def _part_steps(w: _Walk, part: Part) -> tuple:
-    """What each op of a part does to the timeline when nothing about it is special: the buffers
-    it reads (through fused values and aliases; buffers only), the values it writes, and the
-    copies of operands it reads resharded ((value, dims), bytes, the buffer copied or None).
-    Special ops (None) are walked in full: loops and branches, ops that read a broadcast (whose
-    slices may be made smaller) or a local slice of a fused value. A part fixes its ops'
-    decisions and the shardings of everything they read, so this holds in any plan the part is
-    in, under one fusion (fused values and aliases)."""
-    prop, fused, alias, memo = w.prop, w.fused, w.alias, w.memo
-    g = prop.graph
-    shardings = prop.shardings
-    producer = g.producer
-    ops = g.ops
-    pinned = w.pinned
-    keep_fused = bool(w.compiler.library_reduce_elements)  # a library copy needs their steps
-    span = part.span
-    entries = []
-    for op, decided in zip(ops[span.start : span.stop], part.ops, strict=True):
-        if decided is None or op.body:
-            entries.append(None)
-            continue
-        reads: dict[int, None] = {}
-        copied = []
-        for vid, want in zip(op.inputs, decided.operands, strict=True):
-            if want.dims != shardings[vid].dims:
-                generated = vid in producer and ops[producer[vid]].primitive in GENERATED
-                if not _moves(prop, vid, want, w.cache) and (vid in fused or generated):
-                    break
-                root = alias.get(vid, vid)
-                keep = root in producer and root not in fused and root not in pinned
-                copied.append(((vid, want.dims), w.size(vid, want), root if keep else None))
-            elif vid in fused:
-                reads.update(dict.fromkeys(fused_sources(g, vid, fused, alias, memo)))
-            elif vid in producer and ops[producer[vid]].primitive in GENERATED:
-                break
-            else:
-                reads[alias.get(vid, vid)] = None
-        else:
-            roots = tuple(r for r in reads if r in producer and r not in fused and r not in pinned)
-            outs = tuple(v for v in op.outputs if keep_fused or not (v in fused or v in pinned or v in alias))
-            entries.append((roots, outs, tuple(copied)))
-            continue
-        entries.append(None)
-    return tuple(entries)
 
 
 def _body_peak(sub: Propagation, compiler: Compiler, cache: TimelineCache | None) -> int:
@@ -645,7 +509,7 @@ def _slices(
                 else [None]
             )
             for w in wants:
-                if w is None or _moves(sub, b, w, cache):
+                if w is None or moves(sub, b, w, cache):
                     largest = -1
                     break
                 largest = max(largest, local_bytes(v.shape, v.itemsize, w, prop.mesh))
