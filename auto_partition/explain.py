@@ -9,7 +9,7 @@ from cost_model.hardware import load_hardware
 from cost_model.memory import local_bytes
 from cost_model.simulate import CostReport, Overlap, simulate
 from ir.graph import Role
-from ir.plan import name_pattern
+from ir.patterns import name_pattern
 from ir.propagate import propagate_plan
 from ir.trace import trace
 

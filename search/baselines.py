@@ -7,7 +7,8 @@ import re
 from collections.abc import Callable, Sequence
 
 from ir.graph import Graph, Role, Value
-from ir.plan import Plan, Provenance, activation_values, compact_patterns
+from ir.patterns import compact_patterns
+from ir.plan import Plan, Provenance, activation_values
 from ir.sharding import MeshShape
 from search.tactics import Batch, Constrain, Shard, Tactic, apply_tactics
 

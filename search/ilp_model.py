@@ -35,7 +35,7 @@ from cost_model.compute import fused_values
 from cost_model.meshes import MeshTopology
 from ir.factors import tensor_dims
 from ir.graph import Graph, Op, Role, Value
-from ir.plan import name_pattern
+from ir.patterns import name_pattern
 from ir.rules import OpRule
 from ir.sharding import Sharding
 from ir.sum_targets import sum_paths

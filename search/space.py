@@ -21,7 +21,8 @@ from collections.abc import Mapping, Sequence
 
 from ir.dims import dim_groups
 from ir.graph import Graph, Role
-from ir.plan import Plan, Provenance, followed_param, name_pattern, param_index
+from ir.patterns import name_pattern
+from ir.plan import Plan, Provenance, followed_param, param_index
 from ir.sharding import MeshShape, Sharding
 
 Assignment = tuple[tuple[str, ...], ...]  # per decision, its mesh axes (() = not sharded)

@@ -7,6 +7,7 @@ import re
 import pytest
 
 from ir.graph import Graph, Role, Value
+from ir.patterns import compact_patterns, name_pattern
 from ir.plan import (
     OptimizerState,
     Plan,
@@ -14,8 +15,6 @@ from ir.plan import (
     Provenance,
     Rule,
     Unmatched,
-    compact_patterns,
-    name_pattern,
     param_index,
 )
 from ir.plan_yaml import check_fingerprint, load_plan_file, plan_from_yaml, plan_to_yaml, save_plan_file
