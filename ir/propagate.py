@@ -482,14 +482,13 @@ class _Propagator:
         return sub
 
     def _repeated(self, sub: Propagation, times: int) -> tuple[Collective, ...]:
-        """A loop body's collectives, each run `times` times (per body object with a cache)."""
-        if self.cache is None:
-            return tuple(dataclasses.replace(c, count=c.count * times) for c in sub.collectives)
-        key = (id(sub), times)
-        hit = self.cache.repeated.get(key)
+        """A loop body's collectives, each run `times` times (made once per body object with a
+        cache)."""
+        hit = self.cache.repeated.get((id(sub), times)) if self.cache is not None else None
         if hit is None or hit[0] is not sub:
-            made = tuple(dataclasses.replace(c, count=c.count * times) for c in sub.collectives)
-            hit = self.cache.repeated[key] = (sub, made)
+            hit = (sub, tuple(dataclasses.replace(c, count=c.count * times) for c in sub.collectives))
+            if self.cache is not None:
+                self.cache.repeated[(id(sub), times)] = hit
         return hit[1]
 
     def _cond(self, op: Op) -> None:
