@@ -49,6 +49,11 @@ _LIBRARY_ELEMENTWISE = frozenset(
 GENERATED = frozenset(("broadcast_in_dim", "iota"))
 
 
+def generated(g) -> frozenset[int]:
+    """The values of `g` made by a GENERATED op (keep with the graph: `g.derived`)."""
+    return frozenset(v for op in g.ops if op.primitive in GENERATED for v in op.outputs)
+
+
 class FusionCache:
     """Memo tables for `fused_and_aliased` over many propagations of the same graphs: local
     element counts by (graph, value, sharding), and the fused set by (graph, aliases, library

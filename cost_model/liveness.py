@@ -11,7 +11,9 @@ Each buffer is live from the step that writes it to the last step that reads it:
     parallel gradient is then held twice at the end of the backward pass, partial and reduced;
   - an operand read in another layout (a gathered weight, say) is one resharded copy per value
     and layout (CSE merges the forward and backward gathers), live from its first reader to its
-    last; a slice of a broadcast is a smaller broadcast;
+    last; a slice of a broadcast (or iota) is a smaller broadcast made where it is read: the
+    broadcast is whole from its write to its last whole read, or, if none reads it whole, the
+    size of its largest slice until its last reader;
   - a donated input also read off the path to the output that overwrites it is copied first
     where copy insertion runs before scheduling (XLA:CPU);
   - a scan holds its stacked outputs, loop-state buffers filled from zeros (which a breadth-first
@@ -40,7 +42,7 @@ from cost_model.compiler import (
     resolutions_of,
     schedule,
 )
-from cost_model.fusion import GENERATED, FusionCache, fused_and_aliased, fused_sources
+from cost_model.fusion import GENERATED, FusionCache, fused_and_aliased, fused_sources, generated
 from cost_model.part_steps import live_spans, moves, part_hits, runs
 from ir.comm import CollectiveKind
 from ir.graph import Graph, Op
@@ -242,12 +244,17 @@ def _buffers(prop: Propagation, compiler: Compiler, cache: TimelineCache | None)
         ]
     pinned = w.pinned
     sliced = w.sliced
+    full = w.full
     size = w.size
     for vid, s in written.items():
         if vid in fused or vid in pinned or vid in alias or vid not in last_read:
             continue
-        b = sliced[vid] if vid in sliced else size(vid, shardings[vid])
-        out.append((_VALUE, vid, b, s, max(s, last_read[vid]), None))
+        if vid not in sliced:
+            out.append((_VALUE, vid, size(vid, shardings[vid]), s, max(s, last_read[vid]), None))
+        elif vid in full:  # made whole for its whole reads; each slice is made where it is read
+            out.append((_VALUE, vid, size(vid, shardings[vid]), s, max(s, full[vid]), None))
+        else:
+            out.append((_VALUE, vid, sliced[vid], s, max(s, last_read[vid]), None))
     for (vid, dims), (b, first, last) in w.copies.items():
         out.append((_COPY, vid, b, first, last, dims))
     return out, step
@@ -261,7 +268,9 @@ class _Walk:
         "cache",
         "compiler",
         "copies",
+        "full",
         "fused",
+        "generated",
         "last_read",
         "library",
         "memo",
@@ -289,6 +298,8 @@ class _Walk:
         self.pinned = {alias.get(v, v) for v in (*g.inputs, *g.outputs)}
         self.resolutions: dict[int, Resolution] = {}
         self.sliced: dict[int, int] = {}  # broadcast value -> the most bytes a reader reads it in
+        self.full: dict[int, int] = {}  # broadcast value -> the last step that reads it whole
+        self.generated = g.derived("fusion.generated", generated)
         self.written: dict[int, int] = {}  # value id -> step its stored buffer is written
         self.last_read: dict[int, int] = {}  # value id -> last step that reads its stored buffer
         self.copies: dict[tuple[int, tuple], list] = {}  # (value, dims) -> [bytes, first, last step]
@@ -304,6 +315,9 @@ class _Walk:
             v = g.values[vid]
             b = self.sizes[key] = local_bytes(v.shape, v.itemsize, s, self.prop.mesh)
         return b
+
+    def body_peak(self, sub: Propagation) -> int:
+        return _body_peak(sub, self.compiler, self.cache)
 
     def visit(self, n: int, step: int) -> int:
         """Walks op `n` at the step after `step`: the copies of operands it reads resharded, its
@@ -334,9 +348,11 @@ class _Walk:
                         continue
                     targets.append(None)  # a local slice of a fused value fuses too
                     continue
-                if not moved and vid in g.producer and g.ops[g.producer[vid]].primitive in GENERATED:
-                    # A slice of a broadcast or iota is a smaller one: made at the size read.
-                    sliced[vid] = max(sliced.get(vid, 0), size(vid, want))
+                root = alias.get(vid, vid)
+                if not moved and root in self.generated:
+                    # A slice of a broadcast or iota (or of an annotation of one) is a smaller
+                    # one: made at the size read, unless some op reads it as stored (`full`).
+                    sliced[root] = max(sliced.get(root, 0), size(vid, want))
                     targets.append(None)
                     continue
                 step += 1
@@ -357,9 +373,10 @@ class _Walk:
                 for s in fused_sources(g, vid, fused, alias, self.memo):
                     last_read[s] = step
             else:
-                last_read[alias.get(vid, vid)] = step
-                if vid in sliced and want is not None and want.dims == shardings[vid].dims:
-                    sliced[vid] = size(vid, shardings[vid])
+                root = alias.get(vid, vid)
+                last_read[root] = step
+                if want is not None and root in self.generated and want.dims == shardings[vid].dims:
+                    self.full[root] = step
         stacked = op.outputs[op.params["num_carry"] :] if op.primitive == "scan" else ()
         for vid in op.outputs:
             # A scan's stacked outputs are loop-state buffers filled from zeros, which depend on
@@ -381,7 +398,7 @@ def _walk_parts(
     """Walks the schedule of a propagation made of cached parts; returns the last step. A part
     whose live ops run one after another, none of them special (`part_steps.summary`) and none of them
     resolving a sum, moves the walk in one go; every other node is walked op by op."""
-    last_read, written, copies = w.last_read, w.written, w.copies
+    last_read, written, copies, sliced = w.last_read, w.written, w.copies, w.sliced
     op_step = w.op_step if w.compiler.copies_donated_inputs else None
     spans, span_of = prop.graph.derived("liveness.live_spans", live_spans)
     ops = prop.graph.ops
@@ -417,7 +434,7 @@ def _walk_parts(
             if e is None:
                 step = w.visit(n, step)
                 continue
-            reads, outs, copied = e
+            reads, outs, copied, extra = e
             if copied:  # each operand read resharded: a copy made the first time (key), else reused
                 for key, b, root in copied:
                     if key not in copies:
@@ -434,6 +451,18 @@ def _walk_parts(
                 last_read[r] = step
             for v in outs:
                 written[v] = step
+            if extra is not None:
+                made, body = extra
+                for root, b in made:
+                    if b < 0:
+                        w.full[root] = step
+                    else:
+                        sliced[root] = max(sliced.get(root, 0), b)
+                if body is not None:  # a loop or branch: its body's own peak while it runs
+                    inner, primitive, early = body
+                    w.out.append((_BODY, -1, inner, step, step, primitive))
+                    for v in early:
+                        written[v] = 1
             if op_step is not None:
                 op_step[n] = step
             if n in resolving:

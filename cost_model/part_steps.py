@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from cost_model.fusion import GENERATED, fused_sources
+from cost_model.fusion import fused_sources, generated
 from ir.graph import Graph
 from ir.propagate import Propagation
 from ir.reshard import reshard
@@ -64,7 +64,7 @@ def summary(w: _Walk, part: Part, entries: tuple) -> tuple | None:
     outs = []
     for k, n in enumerate(ids, 1):
         e = entries[n - start]
-        if e is None or e[2]:
+        if e is None or e[2] or e[3] is not None:
             return None
         for r in e[0]:
             last[r] = k
@@ -106,13 +106,15 @@ def live_spans(g: Graph) -> tuple[tuple[tuple[int, ...], ...], dict[int, int]]:
 
 
 def part_steps(w: _Walk, part: Part) -> tuple:
-    """What each op of a part does to the timeline when nothing about it is special: the buffers
-    it reads (through fused values and aliases; buffers only), the values it writes, and the
-    copies of operands it reads resharded ((value, dims), bytes, the buffer copied or None).
-    Special ops (None) are walked in full: loops and branches, ops that read a broadcast (whose
-    slices may be made smaller) or a local slice of a fused value. A part fixes its ops'
-    decisions and the shardings of everything they read, so this holds in any plan the part is
-    in, under one fusion (fused values and aliases)."""
+    """What each op of a part does to the timeline: (the buffers it reads (through fused values
+    and aliases; buffers only), the values it writes, the copies of operands it reads resharded
+    ((value, dims), bytes, the buffer copied or None), and None or what else it does: (per
+    broadcast or iota it reads, (the value, the bytes of the slice it reads or -1 for whole);
+    for a loop or branch None or (its body's peak, its primitive, the stacked outputs a
+    breadth-first schedule makes at the start))). None for an op walked in full: one that reads
+    a local slice of a fused value into a library call. A part fixes its ops' decisions, bodies
+    and the shardings of everything they read, so this holds in any plan the part is in, under
+    one fusion (fused values, aliases and library calls)."""
     prop, fused, alias, memo = w.prop, w.fused, w.alias, w.memo
     g = prop.graph
     shardings = prop.shardings
@@ -120,32 +122,53 @@ def part_steps(w: _Walk, part: Part) -> tuple:
     ops = g.ops
     pinned = w.pinned
     keep_fused = bool(w.compiler.library_reduce_elements)  # a library copy needs their steps
+    made_at_size = g.derived("fusion.generated", generated)
+    library = w.library
+    bodies = dict(part.bodies)
     span = part.span
+
+    def kept(vs):
+        return tuple(v for v in vs if keep_fused or not (v in fused or v in pinned or v in alias))
+
     entries = []
     for op, decided in zip(ops[span.start : span.stop], part.ops, strict=True):
-        if decided is None or op.body:
-            entries.append(None)
-            continue
         reads: dict[int, None] = {}
         copied = []
-        for vid, want in zip(op.inputs, decided.operands, strict=True):
-            if want.dims != shardings[vid].dims:
-                generated = vid in producer and ops[producer[vid]].primitive in GENERATED
-                if not moves(prop, vid, want, w.cache) and (vid in fused or generated):
-                    break
-                root = alias.get(vid, vid)
-                keep = root in producer and root not in fused and root not in pinned
-                copied.append(((vid, want.dims), w.size(vid, want), root if keep else None))
+        made = []
+        wants = decided.operands if decided is not None else (None,) * len(op.inputs)
+        for vid, want in zip(op.inputs, wants, strict=True):
+            root = alias.get(vid, vid)
+            if want is not None and want.dims != shardings[vid].dims:
+                moved = moves(prop, vid, want, w.cache)
+                if not moved and vid in fused:
+                    if library:
+                        break  # a library call may read the slice a copy (see visit)
+                    reads.update(dict.fromkeys(fused_sources(g, vid, fused, alias, memo)))
+                elif not moved and root in made_at_size:
+                    reads[root] = None
+                    made.append((root, w.size(vid, want)))
+                else:
+                    keep = root in producer and root not in fused and root not in pinned
+                    copied.append(((vid, want.dims), w.size(vid, want), root if keep else None))
             elif vid in fused:
                 reads.update(dict.fromkeys(fused_sources(g, vid, fused, alias, memo)))
-            elif vid in producer and ops[producer[vid]].primitive in GENERATED:
-                break
             else:
-                reads[alias.get(vid, vid)] = None
+                reads[root] = None
+                if want is not None and root in made_at_size:
+                    made.append((root, -1))
         else:
             roots = tuple(r for r in reads if r in producer and r not in fused and r not in pinned)
-            outs = tuple(v for v in op.outputs if keep_fused or not (v in fused or v in pinned or v in alias))
-            entries.append((roots, outs, tuple(copied)))
+            body = None
+            if op.id in bodies:
+                inner = max(w.body_peak(sub) for sub in bodies[op.id])
+                stacked = op.outputs[op.params["num_carry"] :] if op.primitive == "scan" else ()
+                early = stacked if w.compiler.breadth_first else ()
+                outs = kept(v for v in op.outputs if v not in early)
+                body = (inner, op.primitive, kept(early))
+            else:
+                outs = kept(op.outputs)
+            extra = (tuple(made), body) if made or body else None
+            entries.append((roots, outs, tuple(copied), extra))
             continue
         entries.append(None)
     return tuple(entries)
