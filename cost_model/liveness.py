@@ -430,7 +430,7 @@ def _walk_parts(
             hit = hits[span_of[n]]
         entries, start = hit[2], hit[0].span.start
         for n in todo:
-            e = entries[n - start] if entries is not None else None
+            e = entries[n - start]
             if e is None:
                 step = w.visit(n, step)
                 continue

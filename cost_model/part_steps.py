@@ -34,8 +34,8 @@ def moves(prop: Propagation, vid: int, want: Sharding, cache: TimelineCache | No
 def part_hits(w: _Walk, parts: tuple[Part, ...]) -> list[tuple]:
     """Per part, its entry of `TimelineCache.steps`: (part, fusion, per op of its span what it
     does to the timeline or None (`part_steps`), the live ops whose results may be resolved,
-    the part as one move of the walk or None (`summary`)). A part's steps are worked out the
-    second time it is walked under a fusion; the first time, its ops are walked in full."""
+    the part as one move of the walk or None (`summary`)). Worked out the first time a part is
+    walked under a fusion: in a searcher's walk nearly every part is walked again."""
     cache = w.cache
     live = w.prop.graph.live_ops
     hits = []
@@ -43,12 +43,9 @@ def part_hits(w: _Walk, parts: tuple[Part, ...]) -> list[tuple]:
         key = (id(part), id(w.fused))
         hit = cache.steps.get(key)
         if hit is None or hit[0] is not part or hit[1] is not w.fused:
-            # Seen once: its steps are None (walked in full) until it is seen again.
             resolvable = tuple(n for n in part.rewritten if n in live)
-            hit = cache.steps[key] = (part, w.fused, None, resolvable, None)
-        elif hit[2] is None:
             made = part_steps(w, part)
-            hit = cache.steps[key] = (part, w.fused, made, hit[3], summary(w, part, made))
+            hit = cache.steps[key] = (part, w.fused, made, resolvable, summary(w, part, made))
         hits.append(hit)
     return hits
 
