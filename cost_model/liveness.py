@@ -108,6 +108,7 @@ class TimelineCache:
         self.moves: dict[tuple, bool] = {}  # (shape, dtype, have, want) -> whether a collective moves it
         self.steps: dict[tuple, tuple] = {}  # (part, fused set) -> what its ops do (see part_steps)
         self.runs: dict[int, tuple] = {}  # schedule -> its runs of whole spans (see part_steps.runs)
+        self.walks: dict[int, int] = {}  # graph id -> parts walks (see part_steps.part_hits)
 
 
 def _order(g: Graph) -> tuple[list[Op], list[Op]]:
@@ -430,7 +431,7 @@ def _walk_parts(
             hit = hits[span_of[n]]
         entries, start = hit[2], hit[0].span.start
         for n in todo:
-            e = entries[n - start]
+            e = entries[n - start] if entries is not None else None
             if e is None:
                 step = w.visit(n, step)
                 continue

@@ -34,18 +34,30 @@ def moves(prop: Propagation, vid: int, want: Sharding, cache: TimelineCache | No
 def part_hits(w: _Walk, parts: tuple[Part, ...]) -> list[tuple]:
     """Per part, its entry of `TimelineCache.steps`: (part, fusion, per op of its span what it
     does to the timeline or None (`part_steps`), the live ops whose results may be resolved,
-    the part as one move of the walk or None (`summary`)). Worked out the first time a part is
-    walked under a fusion: in a searcher's walk nearly every part is walked again."""
+    the part as one move of the walk or None (`summary`)). In a searcher's walk nearly every
+    part is walked again, so once a graph has been walked its new parts' steps are worked out
+    the first time they are seen; in a graph's first walk (a single evaluation) they are walked
+    in full, which costs less, and worked out if seen again."""
     cache = w.cache
-    live = w.prop.graph.live_ops
+    g = w.prop.graph
+    live = g.live_ops
+    # By graph id, how many walks: only decides how much work is done ahead, never a result.
+    eager = cache.walks.get(id(g), 0) > 0
+    cache.walks[id(g)] = cache.walks.get(id(g), 0) + 1
     hits = []
     for part in parts:
         key = (id(part), id(w.fused))
         hit = cache.steps.get(key)
         if hit is None or hit[0] is not part or hit[1] is not w.fused:
             resolvable = tuple(n for n in part.rewritten if n in live)
+            if eager:
+                made = part_steps(w, part)
+                hit = cache.steps[key] = (part, w.fused, made, resolvable, summary(w, part, made))
+            else:
+                hit = cache.steps[key] = (part, w.fused, None, resolvable, None)
+        elif hit[2] is None:
             made = part_steps(w, part)
-            hit = cache.steps[key] = (part, w.fused, made, resolvable, summary(w, part, made))
+            hit = cache.steps[key] = (part, w.fused, made, hit[3], summary(w, part, made))
         hits.append(hit)
     return hits
 
