@@ -8,6 +8,7 @@ import time
 
 from auto_partition.cli import _fmt_bytes, emit_json
 from auto_partition.workloads import resolve
+from cost_model.gc_pause import long_lived
 from cost_model.hardware import load_hardware
 from cost_model.simulate import CostReport, simulate
 from ir.plan_yaml import save_plan_file
@@ -96,7 +97,8 @@ def cmd_search(args) -> int:
         progress=display,
     )
     searcher = make_searcher(args.searcher, seed=args.seed)
-    result = searcher.search(problem, budget)
+    with long_lived():  # the graph and JAX live through the search: out of its collections
+        result = searcher.search(problem, budget)
     display.done()
     search_s = time.perf_counter() - t0 - trace_s
 

@@ -56,6 +56,7 @@ def main() -> int:
     args = p.parse_args()
 
     from auto_partition.workloads import resolve
+    from cost_model.gc_pause import long_lived
     from cost_model.hardware import load_hardware
     from cost_model.simulate import simulate
     from ir.sharding import MeshShape
@@ -116,7 +117,8 @@ def main() -> int:
                     clear_shared()  # every search starts cold: no scores left by the previous one
                     problem = SearchProblem(g, mesh, hw, nodes=nodes, source=(source, ""))
                     t = time.perf_counter()
-                    result = make_searcher(name, seed=args.seed).search(problem, Budget(seconds=budget))
+                    with long_lived():  # as the CLI runs a search (auto_partition.search_cmd)
+                        result = make_searcher(name, seed=args.seed).search(problem, Budget(seconds=budget))
                     took = time.perf_counter() - t
                     rep = result.report
                     st = result.stats

@@ -12,8 +12,10 @@ decision space the searchers share (search.space). Three ways of evaluating:
   are made once per graph, as the trace is.
 
 Each evaluation is what `search.evaluate.Evaluator.score` does: input shardings -> propagation ->
-step time and per-device peak memory. One process, one core. Prints a table and writes
-benchmarks/results/sim_speed.json.
+step time and per-device peak memory. Evaluations run as the CLI runs a search: inside
+`cost_model.gc_pause.long_lived` (the objects alive before it are left out of the garbage
+collector's full collections; `score` itself pauses the collector). One process, one core. Prints a
+table and writes benchmarks/results/sim_speed.json.
 
     python benchmarks/sim_speed.py [--seconds 20] [--mesh data=8,model=8] [--nodes 8]
 """
@@ -49,10 +51,11 @@ def main() -> int:
     args = p.parse_args()
 
     from auto_partition.workloads import resolve
+    from cost_model.gc_pause import long_lived
     from cost_model.hardware import load_hardware
     from ir.sharding import MeshShape
     from ir.trace import trace
-    from search.evaluate import Evaluator, clear_shared
+    from search.evaluate import clear_shared
     from search.problem import SearchProblem
     from search.space import build_space
 
@@ -68,28 +71,9 @@ def main() -> int:
         valid = list(space.enumerate())
         size = {"ops": _count_ops(g), "top_level_ops": len(g.ops), "values": len(g.values)}
         for mode in ("one-decision", "random-shared", "full-cold"):
-            rng = random.Random(args.seed)
             clear_shared()  # scores and caches are shared per problem in a process: start cold
-            ev = Evaluator(problem, space)
-            seen: set = set()
-            times: list[float] = []
-            current = rng.choice(valid)
-            start = time.perf_counter()
-            while time.perf_counter() - start < args.seconds and len(seen) < len(valid):
-                if mode == "one-decision":
-                    a = _neighbour(space, current, seen, rng) or rng.choice(valid)
-                else:
-                    a = rng.choice(valid)
-                if a in seen:
-                    continue
-                seen.add(a)
-                if mode == "full-cold":
-                    clear_shared()
-                    ev = Evaluator(problem, space)
-                t = time.perf_counter()
-                ev.score(a)
-                times.append(time.perf_counter() - t)
-                current = a
+            with long_lived():  # as the CLI runs a search (auto_partition.search_cmd)
+                times = _evaluations(mode, problem, space, valid, args.seconds, random.Random(args.seed))
             n = len(times)
             total = sum(times)
             half = times[n // 2 :]
@@ -140,6 +124,33 @@ def main() -> int:
         )
     print(f"wrote {args.out}")
     return 0
+
+
+def _evaluations(mode, problem, space, valid, seconds, rng) -> list[float]:
+    """Seconds of each evaluation of one mode's walk (see the module docstring)."""
+    from search.evaluate import Evaluator, clear_shared
+
+    ev = Evaluator(problem, space)
+    seen: set = set()
+    times: list[float] = []
+    current = rng.choice(valid)
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds and len(seen) < len(valid):
+        if mode == "one-decision":
+            a = _neighbour(space, current, seen, rng) or rng.choice(valid)
+        else:
+            a = rng.choice(valid)
+        if a in seen:
+            continue
+        seen.add(a)
+        if mode == "full-cold":
+            clear_shared()
+            ev = Evaluator(problem, space)
+        t = time.perf_counter()
+        ev.score(a)
+        times.append(time.perf_counter() - t)
+        current = a
+    return times
 
 
 def _neighbour(space, current, seen, rng):

@@ -7,6 +7,7 @@ import dataclasses
 import math
 import time
 
+from cost_model.gc_pause import gc_paused
 from cost_model.meshes import topology
 from cost_model.simulate import CostReport, Overlap, Simulator
 from ir.plan import Plan, Provenance
@@ -202,7 +203,8 @@ class Evaluator:
             # A searcher's bug, not the user's: never the best, never a crash at the end.
             s = self._shared.scores[assignment] = Score(math.inf, 0, False, math.inf)
         if s is None:
-            step_time, peak = self.simulator.step_time_and_peak(self.propagation(assignment))
+            with gc_paused():  # an evaluation makes no cycles (see cost_model.gc_pause)
+                step_time, peak = self.simulator.step_time_and_peak(self.propagation(assignment))
             cap = self.problem.capacity
             fits = peak <= cap
             cost = step_time if fits else MISFIT + peak / cap
