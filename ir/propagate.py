@@ -243,6 +243,7 @@ class _Propagator:
         self.outside, self.before = [], set(span.reads)
         inside: list[tuple[int, Sharding]] = []
         memo, self.memo = self.memo, set()
+        mark = len(self.rewritten)  # the span's own ops are appended after it
         try:
             for op in self.g.ops[span.start : span.stop]:
                 self._one(op)
@@ -256,7 +257,7 @@ class _Propagator:
                 tuple(self.outside),
                 tuple(inside),
                 tuple((i, self.bodies[i]) for i in range(span.start, span.stop) if i in self.bodies),
-                tuple(i for i in self.rewritten if span.start <= i < span.stop),
+                tuple(self.rewritten[mark:]),
             )
         finally:
             self.colls, self.memo = colls, memo
