@@ -64,8 +64,9 @@ def part_hits(w: _Walk, parts: tuple[Part, ...]) -> list[tuple]:
 
 def summary(w: _Walk, part: Part, entries: tuple) -> tuple | None:
     """A part's steps as one move of the walk, when every live op of it is plain (reads its
-    operands as they are stored): (its live ops, per buffer read the last of them to read it,
-    per value written the one that writes it; 1-based). None if some op is not plain."""
+    operands as they are stored, runs no body, reads no broadcast): (its live ops, per buffer
+    read the last of them to read it, per value written the one that writes it; 1-based). None
+    if some op is not plain."""
     live = w.prop.graph.live_ops
     start = part.span.start
     ids = tuple(n for n in range(start, part.span.stop) if n in live)
