@@ -238,13 +238,115 @@ def schedule(
     ops that need its results moved after it, as any scheduler must; or, `breadth_first`, XLA's
     BFScheduler: every node runs as soon as its inputs are ready, first come first served.
     """
+    make = _nodes if breadth_first else _program_order
     if memo is None:
-        return _nodes(g, order, groups, breadth_first)
+        return make(g, order, groups, breadth_first)
     key = (id(g), breadth_first, tuple(tuple(r.value for r in members) for members in groups))
     nodes = memo.get(key)
     if nodes is None:
-        nodes = memo[key] = _nodes(g, order, groups, breadth_first)
+        nodes = memo[key] = make(g, order, groups, breadth_first)
     return nodes
+
+
+def _program_order(g: Graph, order: list[Op], groups: list[list[Resolution]], _: bool = False) -> list[int]:
+    """`_nodes(g, order, groups, False)`, without a heap for every node: nodes are taken in rank
+    order, each as soon as it is ready; one that is not (it reads a collective ranked after it)
+    waits, and is taken, smallest rank first, as soon as what it waits for has run. The edges
+    between ops are the graph's, worked out once per `order`; only the readers of a collective's
+    values change per schedule."""
+    static = g.derived(("compiler.program_order", id(order)), lambda g: _edges(g, order))
+    if static[0] is not order:  # another list under a reused id: work it out again
+        static = _edges(g, order)
+    _, position, op_deps, op_users, op_pending = static
+    producer = g.producer
+    consumers = g.consumers
+    group_of = {r.value: -1 - k for k, members in enumerate(groups) for r in members}
+    rank = {}
+    users = dict(op_users)  # lists are copied before they change
+    pending = dict(op_pending)
+    copied: set[int] = set()
+
+    def edge(d: int, n: int, add: bool) -> None:
+        if d not in copied:
+            users[d] = list(users.get(d, ()))
+            copied.add(d)
+        if add:
+            users[d].append(n)
+        else:
+            users[d].remove(n)
+
+    for k, members in enumerate(groups):
+        ds = {producer[r.value] for r in members}
+        rank[-1 - k] = 2 * max(position[d] for d in ds) + 1
+        pending[-1 - k] = len(ds)
+        for d in ds:
+            edge(d, -1 - k, True)
+    readers = {r for v in group_of for r in consumers.get(v, ()) if r in position}
+    for n in readers:
+        new = {
+            group_of[u] if u in group_of else producer[u]
+            for u in g.ops[n].inputs
+            if u in group_of or (u in producer and producer[u] in position)
+        }
+        old = op_deps[n]
+        for d in old - new:
+            edge(d, n, False)
+        for d in new - old:
+            edge(d, n, True)
+        pending[n] = len(new)
+    ranked = sorted(rank, key=lambda n: (rank[n], n))  # the collectives, among ops of even rank
+    out: list[int] = []
+    waiting: set[int] = set()
+    heap: list[tuple[int, int]] = []
+
+    def run(n: int) -> None:
+        out.append(n)
+        for u in users.get(n, ()):
+            pending[u] -= 1
+            if not pending[u] and u in waiting:
+                heapq.heappush(heap, (rank[u] if u < 0 else 2 * position[u], u))
+
+    def take(n: int) -> None:
+        if pending[n]:
+            waiting.add(n)
+            return
+        run(n)
+        while heap:
+            run(heapq.heappop(heap)[1])
+
+    k = 0
+    for op in order:
+        while k < len(ranked) and rank[ranked[k]] < 2 * position[op.id]:
+            take(ranked[k])
+            k += 1
+        take(op.id)
+    for n in ranked[k:]:
+        take(n)
+    if len(out) != len(order) + len(groups):  # only a cycle leaves nodes waiting
+        raise RuntimeError("memory: combined collectives that depend on each other; this is a bug.")
+    return out
+
+
+def _edges(g: Graph, order: list[Op]) -> tuple:
+    """(order, per op id its position, its producers among `order`, the ops that read it, how
+    many producers it waits for): the schedule's edges without collectives."""
+    position = {op.id: i for i, op in enumerate(order)}
+    producer = g.producer
+    deps = {
+        op.id: frozenset(producer[u] for u in op.inputs if u in producer and producer[u] in position)
+        for op in order
+    }
+    users: dict[int, list[int]] = {op.id: [] for op in order}
+    for n, ds in deps.items():
+        for d in ds:
+            users[d].append(n)
+    return (
+        order,
+        position,
+        deps,
+        {n: tuple(us) for n, us in users.items()},
+        {n: len(ds) for n, ds in deps.items()},
+    )
 
 
 def _nodes(g: Graph, order: list[Op], groups: list[list[Resolution]], breadth_first: bool) -> list[int]:

@@ -12,6 +12,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from auto_partition.workloads import resolve
+from cost_model import compiler
 from cost_model.memory import XLA_CPU, XLA_GPU, Buffer, compiler_for, memory, peak
 from ir.propagate import propagate, propagate_plan
 from ir.sharding import MeshShape, Sharding
@@ -219,3 +220,25 @@ def test_a_broadcast_read_whole_and_sliced_is_made_whole_in_either_order(dot_fir
     r = memory(prop, compiler=XLA_CPU)
     assert r.temp == 64 * 1024 * F32
     assert [name for name, _ in r.largest][:1] == ["%3"]
+
+
+@pytest.mark.parametrize("source", ["builtin:gpt:tiny", "builtin:llama:tiny:scan", "builtin:moe:tiny"])
+def test_the_program_order_schedule_is_the_list_schedulers(source, monkeypatch):
+    # Without a breadth-first scheduler, cost_model.compiler takes nodes in program order and lets
+    # only those that read a later-ranked collective wait; the list scheduler with a heap over
+    # every node is the reference. Every expert plan on 2x4, loop bodies included.
+    fast = compiler._program_order
+    seen = []
+
+    def checked(g, order, groups, breadth_first=False):
+        nodes = fast(g, order, groups)
+        assert nodes == compiler._nodes(g, order, groups, False)
+        seen.append(len(groups))
+        return nodes
+
+    monkeypatch.setattr(compiler, "_program_order", checked)
+    g = trace(resolve(source))
+    mesh = MeshShape.parse("data=2,model=4")
+    for plan in baseline_plans(g, mesh).values():
+        memory(propagate_plan(g, plan), compiler=XLA_GPU)
+    assert len(seen) >= 4 and max(seen) > 1
