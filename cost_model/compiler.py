@@ -238,17 +238,20 @@ def schedule(
     ops that need its results moved after it, as any scheduler must; or, `breadth_first`, XLA's
     BFScheduler: every node runs as soon as its inputs are ready, first come first served.
     """
-    make = _nodes if breadth_first else _program_order
+
+    def make() -> list[int]:
+        return _nodes(g, order, groups, True) if breadth_first else _program_order(g, order, groups)
+
     if memo is None:
-        return make(g, order, groups, breadth_first)
+        return make()
     key = (id(g), breadth_first, tuple(tuple(r.value for r in members) for members in groups))
     nodes = memo.get(key)
     if nodes is None:
-        nodes = memo[key] = make(g, order, groups, breadth_first)
+        nodes = memo[key] = make()
     return nodes
 
 
-def _program_order(g: Graph, order: list[Op], groups: list[list[Resolution]], _: bool = False) -> list[int]:
+def _program_order(g: Graph, order: list[Op], groups: list[list[Resolution]]) -> list[int]:
     """`_nodes(g, order, groups, False)`, without a heap for every node: nodes are taken in rank
     order, each as soon as it is ready; one that is not (it reads a collective ranked after it)
     waits, and is taken, smallest rank first, as soon as what it waits for has run. The edges
@@ -283,11 +286,7 @@ def _program_order(g: Graph, order: list[Op], groups: list[list[Resolution]], _:
             edge(d, -1 - k, True)
     readers = {r for v in group_of for r in consumers.get(v, ()) if r in position}
     for n in readers:
-        new = {
-            group_of[u] if u in group_of else producer[u]
-            for u in g.ops[n].inputs
-            if u in group_of or (u in producer and producer[u] in position)
-        }
+        new = _waits_for(g, g.ops[n], group_of, position)
         old = op_deps[n]
         for d in old - new:
             edge(d, n, False)
@@ -327,15 +326,22 @@ def _program_order(g: Graph, order: list[Op], groups: list[list[Resolution]], _:
     return out
 
 
+def _waits_for(g: Graph, op: Op, group_of: dict[int, int], position: dict[int, int]) -> set[int]:
+    """The nodes `op` waits for: per operand, the collective group that resolves it, else the
+    live op that writes it."""
+    producer = g.producer
+    return {
+        group_of[u] if u in group_of else producer[u]
+        for u in op.inputs
+        if u in group_of or (u in producer and producer[u] in position)
+    }
+
+
 def _edges(g: Graph, order: list[Op]) -> tuple:
     """(order, per op id its position, its producers among `order`, the ops that read it, how
     many producers it waits for): the schedule's edges without collectives."""
     position = {op.id: i for i, op in enumerate(order)}
-    producer = g.producer
-    deps = {
-        op.id: frozenset(producer[u] for u in op.inputs if u in producer and producer[u] in position)
-        for op in order
-    }
+    deps = {op.id: frozenset(_waits_for(g, op, {}, position)) for op in order}
     users: dict[int, list[int]] = {op.id: [] for op in order}
     for n, ds in deps.items():
         for d in ds:
@@ -362,11 +368,7 @@ def _nodes(g: Graph, order: list[Op], groups: list[list[Resolution]], breadth_fi
         deps[-1 - k] = {producer[r.value] for r in members}
         rank[-1 - k] = 2 * max(position[producer[r.value]] for r in members) + 1
     for op in order:
-        deps[op.id] = {
-            group_of[u] if u in group_of else producer[u]
-            for u in op.inputs
-            if u in group_of or (u in producer and producer[u] in position)
-        }
+        deps[op.id] = _waits_for(g, op, group_of, position)
     users: dict[int, list[int]] = {n: [] for n in deps}
     for n, ds in deps.items():
         for d in ds:

@@ -230,7 +230,7 @@ def test_the_program_order_schedule_is_the_list_schedulers(source, monkeypatch):
     fast = compiler._program_order
     seen = []
 
-    def checked(g, order, groups, breadth_first=False):
+    def checked(g, order, groups):
         nodes = fast(g, order, groups)
         assert nodes == compiler._nodes(g, order, groups, False)
         seen.append(len(groups))
