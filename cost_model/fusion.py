@@ -17,7 +17,7 @@ full to count FLOPs.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Set
 
 from ir.propagate import Propagation
 from ir.rules import ELEMENTWISE
@@ -178,6 +178,15 @@ def _alias_ops(g) -> list:
 
 
 def _fused(g, alias: dict[int, int], library: frozenset[int], slices: set[tuple[int, int]]) -> frozenset[int]:
+    if not library and not slices:
+        return _fused_by_aliases(g, alias)
+    return _fused_walk(g, alias, library, slices)
+
+
+def _fused_walk(
+    g, alias: dict[int, int], library: frozenset[int], slices: set[tuple[int, int]]
+) -> frozenset[int]:
+    """`_fused` by a walk over every value and op."""
     readers = g.consumers
     ops = g.ops
     # The readers of a buffer: those of its value and of every value aliasing it.
@@ -190,22 +199,62 @@ def _fused(g, alias: dict[int, int], library: frozenset[int], slices: set[tuple[
                 group_readers.setdefault(root, set()).add(r)
     fused: set[int] = set()
     for op in g.ops:
-        if len(op.outputs) != 1 or op.primitive not in _LOOP_FUSIBLE or op.outputs[0] in alias:
+        if len(op.outputs) != 1 or op.outputs[0] in alias:
             continue
         vid = op.outputs[0]
-        rs = group_readers.get(vid, ())
-        if vid in returned or not rs:
-            continue
-        mask = op.primitive == "convert_element_type" and g.values[op.inputs[0]].dtype == "bool"
-        if op.id in library or (mask and all(ops[r].primitive == "mul" for r in rs)):
-            # A library takes it in; or x * convert(mask) is simplified to select(mask, x, 0).
-            fused.add(vid)
-        elif len(rs) > 1 and op.primitive in _EXPENSIVE:
-            continue
-        elif all(
-            (ops[r].primitive in _LOOP_FUSIBLE or ops[r].primitive in _REDUCTIONS)
-            and (r not in library or (r, vid) in slices)
-            for r in rs
-        ):
+        if _fuses(g, op, group_readers.get(vid, ()), vid in returned, library, slices):
             fused.add(vid)
     return frozenset(fused)
+
+
+_NONE: frozenset = frozenset()
+
+
+def _fused_by_aliases(g, alias: dict[int, int]) -> frozenset[int]:
+    """`_fused` without library reductions, from the graph's fused set without aliases: an alias
+    changes only whether the values it joins (the aliasing value and its root) are fused; every
+    other value has the readers, and is returned or not, as without aliases."""
+    base = g.derived("fusion.fused_without_aliases", lambda g: _fused_walk(g, {}, _NONE, _NONE))
+    if not alias:
+        return base
+    readers = g.consumers
+    ops = g.ops
+    members: dict[int, list[int]] = {}
+    for vid, root in alias.items():
+        members.setdefault(root, [root]).append(vid)
+    returned = {alias.get(vid, vid) for vid in g.outputs}
+    producer = g.producer
+    joined = []
+    for root, vids in members.items():
+        if root not in producer:
+            continue
+        rs = {
+            r
+            for vid in vids
+            for r in readers.get(vid, ())
+            if not (len(ops[r].outputs) == 1 and alias.get(ops[r].outputs[0]) == root)
+        }
+        op = ops[producer[root]]
+        if len(op.outputs) == 1 and _fuses(g, op, rs, root in returned, _NONE, _NONE):
+            joined.append(root)
+    return base.difference(alias, members).union(joined)
+
+
+def _fuses(g, op, rs, returned: bool, library: frozenset[int], slices: Set[tuple[int, int]]) -> bool:
+    """Whether the single result of `op`, read by the ops `rs` (through its aliases), is computed
+    inside its readers rather than written (see `fused_and_aliased`)."""
+    if op.primitive not in _LOOP_FUSIBLE or returned or not rs:
+        return False
+    ops = g.ops
+    vid = op.outputs[0]
+    mask = op.primitive == "convert_element_type" and g.values[op.inputs[0]].dtype == "bool"
+    if op.id in library or (mask and all(ops[r].primitive == "mul" for r in rs)):
+        # A library takes it in; or x * convert(mask) is simplified to select(mask, x, 0).
+        return True
+    if len(rs) > 1 and op.primitive in _EXPENSIVE:
+        return False
+    return all(
+        (ops[r].primitive in _LOOP_FUSIBLE or ops[r].primitive in _REDUCTIONS)
+        and (r not in library or (r, vid) in slices)
+        for r in rs
+    )

@@ -34,6 +34,7 @@ from ir.comm import Collective
 from ir.factors import assign_factors, result_shardings, tensor_dims
 from ir.graph import Graph, Op, Role, Value
 from ir.reshard import reshard
+from ir.rules import FactorKind
 from ir.sharding import MeshShape, Sharding
 from ir.spans import Part, PropagationCache, Span, layout
 from ir.sum_targets import resolution, scatters, stacked_targets, sum_kind, sum_paths
@@ -86,6 +87,16 @@ class Propagation:
 def _start(graph: Graph) -> tuple[Sharding | None, ...]:
     """Values no op makes (inputs and constants) replicated, the others None."""
     return tuple(None if v.id in graph.producer else Sharding.replicated(v.rank) for v in graph.values)
+
+
+def _sum_readers(graph: Graph) -> frozenset[int]:
+    """Ids of the ops that may read a pending sum: a value made by an op whose rule has a
+    reduction factor, by a loop or branch, or given to the graph (a loop body's carries)."""
+    maybe = set(graph.inputs)
+    for op in graph.ops:
+        if op.rule is None or FactorKind.REDUCTION in op.rule.kinds:
+            maybe.update(op.outputs)
+    return frozenset(op.id for op in graph.ops if any(v in maybe for v in op.inputs))
 
 
 def _live(graph: Graph) -> tuple[bool, ...]:
@@ -168,6 +179,7 @@ class _Propagator:
         )
         self.spans: tuple[Span, ...] = spans if cache is not None else ()  # replayed with a cache
         self.meetings = graph.derived("propagate.sum_paths", sum_paths)
+        self.sum_readers = graph.derived("propagate.sum_readers", _sum_readers)
 
     # -- driver ----------------------------------------------------------------------------------
 
@@ -292,12 +304,13 @@ class _Propagator:
     def _op(self, op: Op) -> None:
         g = self.g
         cur = self.cur
-        ins = tuple(cur[vid] for vid in op.inputs)
-        if any(s.partial for s in ins):
+        ins = tuple([cur[vid] for vid in op.inputs])
+        if op.id in self.sum_readers and any(s.partial for s in ins):
             ins = self._sums_to_partners(op, ins)
+        constrained = self.constraint is not None
         targets = (
             tuple(self.constraint(g.values[vid]) for vid in op.outputs)
-            if self.constraint
+            if constrained
             else (None,) * len(op.outputs)
         )
         # Ops of a kind decide alike on alike operands: one entry serves every layer of a model.
@@ -308,10 +321,13 @@ class _Propagator:
             if key is not None:
                 self.cache.ops[key] = decided
         decision, results, groups = decided
-        if groups or any(t is not None and t != r for t, r in zip(targets, results, strict=True)):
+        if groups or (
+            constrained and any(t is not None and t != r for t, r in zip(targets, results, strict=True))
+        ):
             self.rewritten.append(op.id)
         for vid, want in zip(op.inputs, decision.operands, strict=True):
-            self._read(vid, want)
+            if cur[vid] is not want:  # (shardings are interned: read as stored costs nothing)
+                self._read(vid, want)
         for k, vid in enumerate(op.outputs):
             cur[vid] = results[k]
             if groups:
