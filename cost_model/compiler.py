@@ -165,24 +165,21 @@ def combine(g: Graph, order: list[Op], cands: list[Resolution], compiler: Compil
     group makes everything that read one member's result depend on every member's input."""
     if not cands:
         return []
-    index_of = {c.value: i for i, c in enumerate(cands)}
-    producer = g.producer
     limit = {
         CollectiveKind.ALL_REDUCE: compiler.all_reduce_combine_bytes,
         CollectiveKind.REDUCE_SCATTER: compiler.reduce_scatter_combine_bytes,
     }
-    # anc[c]: the candidates (a bitset) whose reduced results candidate c's input depends on.
-    after: dict[int, int] = {}  # value id -> what its readers inherit
-    at_op: dict[int, int] = {}
-    for op in order:
-        bits = 0
-        for u in op.inputs:
-            bits |= after.get(u, 0)
-        at_op[op.id] = bits
-        for u in op.outputs:
-            c = index_of.get(u)
-            after[u] = bits if c is None else bits | 1 << c
-    anc = [at_op[producer[c.value]] for c in cands]
+    # anc[c]: the candidates (a bitset) whose reduced results candidate c's input depends on;
+    # bit[c]: candidate c's bit. The bits are positions among the graph's values that may be
+    # pending sums (`_sum_ancestors`, worked out once per graph); bits of values that are not
+    # candidates of this plan are never tested.
+    position, ancestors = g.derived(("compiler.sum_ancestors", id(order)), lambda g: _sum_ancestors(order))
+    if all(c.value in position for c in cands):
+        anc = [ancestors[c.value] for c in cands]
+        bit = [1 << position[c.value] for c in cands]
+    else:  # (a candidate that is not a sum: walk this plan's ops)
+        anc = _ancestors(g, order, cands)
+        bit = [1 << c for c in range(len(cands))]
 
     remaining = list(range(len(cands)))
     groups: list[list[int]] = []
@@ -203,7 +200,7 @@ def combine(g: Graph, order: list[Op], cands: list[Resolution], compiler: Compil
             if total + cands[c].bytes > cap:
                 break
             # Dependent either way (a merged group can make an earlier op wait on a later one).
-            if any(anc[c] >> m & 1 or anc[m] >> c & 1 for m in chosen):
+            if any(anc[c] & bit[m] or anc[m] & bit[c] for m in chosen):
                 break
             chosen.append(c)
             total += cands[c].bytes
@@ -217,8 +214,8 @@ def combine(g: Graph, order: list[Op], cands: list[Resolution], compiler: Compil
             # transitively closed, so one sweep suffices.
             bits = mask = 0
             for m in chosen:
-                bits |= 1 << m
-                mask |= anc[m] | 1 << m
+                bits |= bit[m]
+                mask |= anc[m] | bit[m]
             for c in range(len(cands)):
                 if anc[c] & bits:
                     anc[c] |= mask
@@ -335,6 +332,48 @@ def _waits_for(g: Graph, op: Op, group_of: dict[int, int], position: dict[int, i
         for u in op.inputs
         if u in group_of or (u in producer and producer[u] in position)
     }
+
+
+def _sum_ancestors(order: list[Op]) -> tuple[dict[int, int], dict[int, int]]:
+    """(per value that may be left a pending sum (made by an op with a reduction factor), its
+    position; per such value, the positions (a bitset) of those its op's inputs depend on)."""
+    position: dict[int, int] = {}
+    for op in order:
+        if op.rule is not None and FactorKind.REDUCTION in op.rule.kinds:
+            for u in op.outputs:
+                position[u] = len(position)
+    after: dict[int, int] = {}  # value id -> the positions it depends on, itself included
+    ancestors: dict[int, int] = {}
+    for op in order:
+        bits = 0
+        for u in op.inputs:
+            bits |= after.get(u, 0)
+        for u in op.outputs:
+            p = position.get(u)
+            if p is not None:
+                ancestors[u] = bits
+                bits_out = bits | 1 << p
+            else:
+                bits_out = bits
+            if bits_out:
+                after[u] = bits_out
+    return position, ancestors
+
+
+def _ancestors(g: Graph, order: list[Op], cands: list[Resolution]) -> list[int]:
+    """Per candidate, the candidates (a bitset of indices) whose results its op's inputs depend on."""
+    index_of = {c.value: i for i, c in enumerate(cands)}
+    after: dict[int, int] = {}  # value id -> what its readers inherit
+    at_op: dict[int, int] = {}
+    for op in order:
+        bits = 0
+        for u in op.inputs:
+            bits |= after.get(u, 0)
+        at_op[op.id] = bits
+        for u in op.outputs:
+            c = index_of.get(u)
+            after[u] = bits if c is None else bits | 1 << c
+    return [at_op[g.producer[c.value]] for c in cands]
 
 
 def _edges(g: Graph, order: list[Op]) -> tuple:

@@ -227,7 +227,7 @@ def _buffers(prop: Propagation, compiler: Compiler, cache: TimelineCache | None)
 
     w.sliced = _loop_slices(prop, scans, cache)
     producer = g.producer
-    resolving = {producer[v] for v in resolutions}
+    w.resolving = resolving = {producer[v] for v in resolutions}
     written, last_read, out = w.written, w.last_read, w.out
     step = 0
     nodes = schedule(g, order, groups, compiler.breadth_first, cache.schedules if cache is not None else None)
@@ -281,6 +281,7 @@ class _Walk:
         "pinned",
         "prop",
         "resolutions",
+        "resolving",
         "sizes",
         "sliced",
         "written",
@@ -298,6 +299,7 @@ class _Walk:
         g = prop.graph
         self.pinned = {alias.get(v, v) for v in (*g.inputs, *g.outputs)}
         self.resolutions: dict[int, Resolution] = {}
+        self.resolving: set[int] = set()  # ops that write a value `resolutions` resolves
         self.sliced: dict[int, int] = {}  # broadcast value -> the most bytes a reader reads it in
         self.full: dict[int, int] = {}  # broadcast value -> the last step that reads it whole
         self.generated = g.derived("fusion.generated", generated)
@@ -383,7 +385,8 @@ class _Walk:
             # A scan's stacked outputs are loop-state buffers filled from zeros, which depend on
             # nothing: a breadth-first schedule makes them at the start.
             written[vid] = 1 if compiler.breadth_first and vid in stacked else step
-        _written(self, op, step)  # its pending sums' buffers, until the collectives that read them
+        if n in self.resolving:  # its pending sums' buffers, until the collectives that read them
+            _written(self, op, step)
         return step
 
 
