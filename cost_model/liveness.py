@@ -109,6 +109,7 @@ class TimelineCache:
         self.steps: dict[tuple, tuple] = {}  # (part, fused set) -> what its ops do (see part_steps)
         self.runs: dict[int, tuple] = {}  # schedule -> its runs of whole spans (see part_steps.runs)
         self.walks: dict[int, int] = {}  # graph id -> parts walks (see part_steps.part_hits)
+        self.footprints: dict[tuple, tuple] = {}  # (graph, input and output layouts) -> bytes
 
 
 def _order(g: Graph) -> tuple[list[Op], list[Op]]:
@@ -325,68 +326,86 @@ class _Walk:
     def visit(self, n: int, step: int) -> int:
         """Walks op `n` at the step after `step`: the copies of operands it reads resharded, its
         loop body, the buffers it reads and writes. Returns its step."""
-        prop, cache, compiler = self.prop, self.cache, self.compiler
+        prop = self.prop
         g = prop.graph
         shardings = prop.shardings
-        fused, alias, copies, last_read, written, sliced = (
-            self.fused, self.alias, self.copies, self.last_read, self.written, self.sliced,
-        )  # fmt: skip
-        size = self.size
+        fused, alias, last_read, written = self.fused, self.alias, self.last_read, self.written
         op = g.ops[n]
+        inputs = op.inputs
         decided = prop.ops[n]
-        wants = decided.operands if decided is not None else (None,) * len(op.inputs)
-        targets = []
-        for vid, want in zip(op.inputs, wants, strict=True):
-            if want is None or want.dims == shardings[vid].dims:
-                targets.append(None)
-                continue
-            key = (vid, want.dims)
-            if key not in copies:
-                moved = moves(prop, vid, want, cache)
-                if not moved and vid in fused:
-                    if op.id in self.library:
-                        # A library reads the slice: the value's producer writes it (see fusion).
-                        copies[key] = [size(vid, want), written[vid], written[vid]]
-                        targets.append(key)
-                        continue
-                    targets.append(None)  # a local slice of a fused value fuses too
+        wants = decided.operands if decided is not None else None
+        # Per operand read in another layout than stored: its copy's key, or None where the read
+        # is a local slice that needs none. None while every operand is read as stored.
+        targets: list | None = None
+        if wants is not None:
+            for k, vid in enumerate(inputs):
+                want = wants[k]
+                have = shardings[vid]
+                if want is None or want is have or want.dims == have.dims:
                     continue
-                root = alias.get(vid, vid)
-                if not moved and root in self.generated:
-                    # A slice of a broadcast or iota (or of an annotation of one) is a smaller
-                    # one: made at the size read, unless some op reads it as stored (`full`).
-                    sliced[root] = max(sliced.get(root, 0), size(vid, want))
-                    targets.append(None)
-                    continue
-                step += 1
-                copies[key] = [size(vid, want), step, step]
-                root = alias.get(vid, vid)
-                last_read[root] = max(last_read.get(root, 0), step)
-            targets.append(key)
+                if targets is None:
+                    targets = [None] * len(inputs)
+                step = self._reshard(n, k, vid, want, step, targets)
         step += 1
-        self.op_step[op.id] = step
-        subs = prop.bodies.get(op.id)
+        self.op_step[n] = step
+        subs = prop.bodies.get(n)
         if subs:  # a loop or branch: its body's own peak while it runs
-            inner = max(_body_peak(sub, compiler, cache) for sub in subs)
+            inner = max(_body_peak(sub, self.compiler, self.cache) for sub in subs)
             self.out.append((_BODY, -1, inner, step, step, op.primitive))
-        for vid, key, want in zip(op.inputs, targets, wants, strict=True):
+        generated = self.generated
+        for k, vid in enumerate(inputs):
+            key = targets[k] if targets is not None else None
             if key is not None:
-                copies[key][2] = step
+                self.copies[key][2] = step
             elif vid in fused:  # recomputed here from its operands, which must still be live
-                for s in fused_sources(g, vid, fused, alias, self.memo):
+                for s in self.memo.get(vid) or fused_sources(g, vid, fused, alias, self.memo):
                     last_read[s] = step
             else:
                 root = alias.get(vid, vid)
                 last_read[root] = step
-                if want is not None and root in self.generated and want.dims == shardings[vid].dims:
+                want = wants[k] if wants is not None else None
+                if root in generated and want is not None and want.dims == shardings[vid].dims:
                     self.full[root] = step
-        stacked = op.outputs[op.params["num_carry"] :] if op.primitive == "scan" else ()
-        for vid in op.outputs:
+        if op.primitive == "scan" and self.compiler.breadth_first:
             # A scan's stacked outputs are loop-state buffers filled from zeros, which depend on
             # nothing: a breadth-first schedule makes them at the start.
-            written[vid] = 1 if compiler.breadth_first and vid in stacked else step
+            stacked = op.outputs[op.params["num_carry"] :]
+            for vid in op.outputs:
+                written[vid] = 1 if vid in stacked else step
+        else:
+            for vid in op.outputs:
+                written[vid] = step
         if n in self.resolving:  # its pending sums' buffers, until the collectives that read them
             _written(self, op, step)
+        return step
+
+    def _reshard(self, n: int, k: int, vid: int, want: Sharding, step: int, targets: list) -> int:
+        """Operand `k` (value `vid`) of op `n` read as `want`, not as stored: a resharded copy
+        (made before the op, at the next step, unless made already; its key in `targets`), or a
+        local slice that needs none. Returns the last step taken."""
+        key = (vid, want.dims)
+        copies = self.copies
+        if key in copies:
+            targets[k] = key
+            return step
+        moved = moves(self.prop, vid, want, self.cache)
+        if not moved and vid in self.fused:
+            if n in self.library:
+                # A library reads the slice: the value's producer writes it (see fusion).
+                written = self.written[vid]
+                copies[key] = [self.size(vid, want), written, written]
+                targets[k] = key
+            return step  # else a local slice of a fused value fuses too
+        root = self.alias.get(vid, vid)
+        if not moved and root in self.generated:
+            # A slice of a broadcast or iota (or of an annotation of one) is a smaller one: made
+            # at the size read, unless some op reads it as stored (`full`).
+            self.sliced[root] = max(self.sliced.get(root, 0), self.size(vid, want))
+            return step
+        step += 1
+        copies[key] = [self.size(vid, want), step, step]
+        self.last_read[root] = max(self.last_read.get(root, 0), step)
+        targets[k] = key
         return step
 
 

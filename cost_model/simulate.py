@@ -180,6 +180,7 @@ class Simulator:
             + len(t.sources)
             + len(t.steps)
             + len(t.runs)
+            + len(t.footprints)
         )
 
     def report(self, prop: Propagation, top_ops: int = 10) -> CostReport:
