@@ -165,10 +165,6 @@ def combine(g: Graph, order: list[Op], cands: list[Resolution], compiler: Compil
     group makes everything that read one member's result depend on every member's input."""
     if not cands:
         return []
-    limit = {
-        CollectiveKind.ALL_REDUCE: compiler.all_reduce_combine_bytes,
-        CollectiveKind.REDUCE_SCATTER: compiler.reduce_scatter_combine_bytes,
-    }
     # anc[c]: the candidates (a bitset) whose reduced results candidate c's input depends on;
     # bit[c]: candidate c's bit. The bits are positions among the graph's values that may be
     # pending sums (`_sum_ancestors`, worked out once per graph); bits of values that are not
@@ -180,7 +176,15 @@ def combine(g: Graph, order: list[Op], cands: list[Resolution], compiler: Compil
     else:  # (a candidate that is not a sum: walk this plan's ops)
         anc = _ancestors(g, order, cands)
         bit = [1 << c for c in range(len(cands))]
+    return _group(cands, anc, bit, compiler)
 
+
+def _group(cands: list[Resolution], anc: list[int], bit: list[int], compiler: Compiler) -> list[list[int]]:
+    """`combine`'s groups, given per candidate the bits of those it depends on and its own bit."""
+    limit = {
+        CollectiveKind.ALL_REDUCE: compiler.all_reduce_combine_bytes,
+        CollectiveKind.REDUCE_SCATTER: compiler.reduce_scatter_combine_bytes,
+    }
     remaining = list(range(len(cands)))
     groups: list[list[int]] = []
     while remaining:
