@@ -19,6 +19,7 @@ from ir.propagate import Propagation
 from ir.reshard import reshard
 from ir.rules import FactorKind
 from ir.sharding import MeshShape, Sharding
+from ir.spans import leaves_sums
 
 _SUMS = (CollectiveKind.ALL_REDUCE, CollectiveKind.REDUCE_SCATTER)
 _UNLIMITED = 2**63 - 1
@@ -343,7 +344,7 @@ def _sum_ancestors(order: list[Op]) -> tuple[dict[int, int], dict[int, int]]:
     position; per such value, the positions (a bitset) of those its op's inputs depend on)."""
     position: dict[int, int] = {}
     for op in order:
-        if op.rule is not None and FactorKind.REDUCTION in op.rule.kinds:
+        if leaves_sums(op):
             for u in op.outputs:
                 position[u] = len(position)
     after: dict[int, int] = {}  # value id -> the positions it depends on, itself included

@@ -14,7 +14,6 @@ The breakdown follows JAX's name stacks: values made under 'transpose(' are grad
 from __future__ import annotations
 
 import dataclasses
-import operator
 from collections.abc import Mapping
 
 from cost_model.compiler import XLA_CPU, XLA_GPU, Compiler, compiler_for, local_bytes
@@ -92,19 +91,13 @@ def memory_peak(
     # Arguments and outputs are a function of the inputs' and outputs' shardings, which one
     # decision changes in few plans of a walk: kept by them.
     g = prop.graph
-    key = (id(g), g.derived("memory.inputs", _inputs_of)(prop.shardings), prop.outputs, donated)
+    shardings = prop.shardings
+    key = (id(g), tuple([shardings[v] for v in g.inputs]), prop.outputs, donated)
     hit = cache.footprints.get(key)
     if hit is None or hit[0] is not g:
         args, _, outs, aliased = _footprint(prop, donated, compiler, cache.sizes)
         hit = cache.footprints[key] = (g, args + outs - aliased)
     return hit[1] + temp_peak(prop, compiler, cache)
-
-
-def _inputs_of(g: Graph):
-    """A function from a value table to the entries of `g`'s inputs, as a tuple."""
-    if len(g.inputs) == 1:
-        return lambda table: (table[g.inputs[0]],)
-    return operator.itemgetter(*g.inputs) if g.inputs else (lambda table: ())
 
 
 def _footprint(

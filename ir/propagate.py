@@ -34,9 +34,8 @@ from ir.comm import Collective
 from ir.factors import assign_factors, result_shardings, tensor_dims
 from ir.graph import Graph, Op, Role, Value
 from ir.reshard import reshard
-from ir.rules import FactorKind
 from ir.sharding import MeshShape, Sharding
-from ir.spans import Part, PropagationCache, Span, layout
+from ir.spans import Part, PropagationCache, Span, layout, leaves_sums
 from ir.sum_targets import resolution, scatters, stacked_targets, sum_kind, sum_paths
 
 Constraint = Callable[[Value], Sharding | None]
@@ -94,7 +93,7 @@ def _sum_readers(graph: Graph) -> frozenset[int]:
     reduction factor, by a loop or branch, or given to the graph (a loop body's carries)."""
     maybe = set(graph.inputs)
     for op in graph.ops:
-        if op.rule is None or FactorKind.REDUCTION in op.rule.kinds:
+        if op.rule is None or leaves_sums(op):
             maybe.update(op.outputs)
     return frozenset(op.id for op in graph.ops if any(v in maybe for v in op.inputs))
 

@@ -126,13 +126,13 @@ def spans_of(graph: Graph) -> tuple[Span, ...]:
             )
         )
         exported = frozenset(v for v in defs if v in later_reads)
-        summable = tuple(v for v in reads if v in producer and _sums(graph.ops[producer[v]]))
+        summable = tuple(v for v in reads if v in producer and leaves_sums(graph.ops[producer[v]]))
         out.append(Span(index, a, b, reads, defs, exported, watched, summable, outputs))
         later_reads.update(reads)
     return tuple(reversed(out))
 
 
-def _sums(op: Op) -> bool:
+def leaves_sums(op: Op) -> bool:
     """Whether `op` may leave its results pending sums (its rule has a reduction factor)."""
     return op.rule is not None and FactorKind.REDUCTION in op.rule.kinds
 
