@@ -123,7 +123,9 @@ class Evaluator:
 
     Scores are shared by every Evaluator of the same problem object in this process (the
     portfolio's searchers reuse each other's work); the count of evaluations, the best plan and
-    the best-so-far curve are this searcher's.
+    the best-so-far curve are this searcher's. Its wall clock runs from `started` (a
+    time.perf_counter() value; default: now), which a searcher sets to when its search began so
+    that imports and building the decision space count against the budget too.
 
     Attributes:
       cache: assignment -> Score of every plan this searcher scored.
@@ -141,6 +143,7 @@ class Evaluator:
         overlap: Overlap = Overlap.BACKWARD_AND_PREFETCH,
         *,
         front: bool = False,
+        started: float | None = None,
     ):
         self.problem = problem
         self.space = space
@@ -150,7 +153,7 @@ class Evaluator:
         self.cache: dict[Assignment, Score] = {}
         self.evaluations = 0
         self.computed = 0
-        self.started = time.perf_counter()
+        self.started = time.perf_counter() if started is None else started
         self.best: tuple[float, Assignment] | None = None
         self.curve: list[CurvePoint] = []
         self._next_report = 0.0

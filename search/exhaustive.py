@@ -4,6 +4,7 @@ conformance tests hold the other searchers to."""
 from __future__ import annotations
 
 import dataclasses
+import time
 
 from search.evaluate import Evaluator
 from search.problem import Budget, SearchProblem, SearchResult, Status
@@ -20,8 +21,9 @@ class Exhaustive:
     seed: int = 0
 
     def search(self, problem: SearchProblem, budget: Budget) -> SearchResult:
+        started = time.perf_counter()
         space = build_space(problem.graph, problem.mesh, fixed=problem.fixed)
-        ev = Evaluator(problem, space)
+        ev = Evaluator(problem, space, started=started)
         complete = True
         for a in space.enumerate():
             if ev.exhausted(budget):

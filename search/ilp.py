@@ -55,13 +55,13 @@ class ILP:
     deterministic: bool = True
 
     def search(self, problem: SearchProblem, budget: Budget) -> SearchResult:
+        clock = _Clock(budget)  # from here: importing OR-Tools the first time takes ~0.3 s
         try:
             from ortools.sat.python import cp_model  # noqa: F401
         except ImportError as e:  # pragma: no cover - depends on the environment
             raise SearchError("the ilp searcher needs OR-Tools: pip install ortools") from e
-        clock = _Clock(budget)
         space = build_space(problem.graph, problem.mesh, fixed=problem.fixed)
-        ev = Evaluator(problem, space)
+        ev = Evaluator(problem, space, started=clock.started)
         # Plans this search scores (scores another search shared count too: the same seed and
         # budget then give the same plan).
         evaluations = budget.evaluations if budget.evaluations is not None else 1 << 30

@@ -21,7 +21,7 @@ from ir.reshard import reshard
 from ir.sharding import MeshShape, Sharding
 from ir.sum_targets import scatters, sum_kind
 from search.ilp_factors import Factors, Groups
-from search.ilp_nodes import N_PARTS, Interner, Part, Source
+from search.ilp_nodes import N_PARTS, Interner, Part, Source, check_deadline
 
 _ZERO = np.zeros(N_PARTS)
 
@@ -34,14 +34,24 @@ class Prices:
       topo: the mesh on its hardware (collective times).
       overlap: whether communication may hide behind compute (else every collective is exposed).
       intern: the builder's interned shardings (the caches' keys).
+      deadline: a time.perf_counter() value; pricing past it raises OutOfTime (one op's matrix of
+        reshards can take a second on a three-axis mesh).
     """
 
-    def __init__(self, mesh: MeshShape, topo: MeshTopology, overlap: bool, intern: Interner):
+    def __init__(
+        self,
+        mesh: MeshShape,
+        topo: MeshTopology,
+        overlap: bool,
+        intern: Interner,
+        deadline: float | None = None,
+    ):
         self.mesh = mesh
         self.topo = topo
         self.device = topo.hardware.device
         self.overlap = overlap
         self.intern = intern
+        self.deadline = deadline
         self._reshard_cache: dict[tuple, np.ndarray] = {}
         self._matrix_cache: dict[tuple, np.ndarray] = {}
         self._compute_cache: dict[tuple, tuple] = {}
@@ -118,9 +128,11 @@ class Prices:
                     ]
                 )
             else:
-                m = np.array(
-                    [[self._reshard(v, h, gr, w, replicated_free, kind) for w in wants] for h, gr in pairs]
-                )
+                rows = []
+                for h, gr in pairs:
+                    check_deadline(self.deadline, "pricing reshards for the model")
+                    rows.append([self._reshard(v, h, gr, w, replicated_free, kind) for w in wants])
+                m = np.array(rows)
             self._matrix_cache[key] = m
         return m
 

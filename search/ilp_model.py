@@ -26,7 +26,6 @@ Prices come from search.ilp_costs, memory rows from search.ilp_memory.
 from __future__ import annotations
 
 import itertools
-import time
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
@@ -50,8 +49,8 @@ from search.ilp_nodes import (
     Model,
     Node,
     NodeKind,
-    OutOfTime,
     Source,
+    check_deadline,
     known_assignments,
     reachable_pairs,
 )
@@ -105,7 +104,7 @@ class Builder(SumResolution):
         self.constraint = constraint
         self.deadline = deadline
         self.intern = Interner()
-        self.prices = Prices(self.mesh, topo, overlap, self.intern)
+        self.prices = Prices(self.mesh, topo, overlap, self.intern, deadline)
         self.nodes: list[Node] = [Node(NodeKind.CONST, "const", [None], np.zeros((1, N_PARTS)))]
         self.combos: dict[int, Combo] = {}
         self.edges: dict[tuple[int, int], np.ndarray] = {}
@@ -241,8 +240,7 @@ class Builder(SumResolution):
         batch = set(batch)
         fused = fused_values(g)
         for op in g.ops:
-            if self.deadline is not None and time.perf_counter() > self.deadline:
-                raise OutOfTime(f"building the model passed its deadline after {self.n_ops} ops")
+            check_deadline(self.deadline, "building the model")
             if any(i in batch for i in op.inputs):
                 batch.update(op.outputs)
             self.n_ops += 1
@@ -339,6 +337,7 @@ class Builder(SumResolution):
             key = tuple(int(x[pick[n]]) for x, n in zip(ids, nodes, strict=True))
             f = memo.get(key)
             if f is None:
+                check_deadline(self.deadline, "building the model")
                 props = [
                     (prios[k], rule.operands[k], operands[k].shardings[pick[operands[k].node]])
                     for k in proposing

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import random
+import time
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -243,6 +244,12 @@ CONST_NODE = 0
 
 class OutOfTime(Exception):
     """Building the model (or its program) passed its deadline."""
+
+
+def check_deadline(deadline: float | None, what: str) -> None:
+    """Raises OutOfTime when time.perf_counter() is past `deadline` (None: no deadline)."""
+    if deadline is not None and time.perf_counter() > deadline:
+        raise OutOfTime(f"{what} passed its deadline")
 
 
 def reachable_pairs(x: Node, y: Node) -> list[tuple[int, int]]:

@@ -11,11 +11,10 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
-import time
 
 import numpy as np
 
-from search.ilp_nodes import Model, OutOfTime, Part
+from search.ilp_nodes import Model, Part, check_deadline
 from search.space import Assignment
 
 # Costs are scaled so that the dearest choice of every node and pair sums to about this many units.
@@ -121,8 +120,7 @@ class Program:
             self._charge(parts, cost[k], self.x[k])
         self._pair_vars: dict[tuple[int, int], dict[tuple[int, int], object]] = {}
         for i, j, pc in pair_cost:
-            if deadline is not None and time.perf_counter() > deadline:
-                raise OutOfTime("building the CP-SAT program passed its deadline")
+            check_deadline(deadline, "building the CP-SAT program")
             pairs = self._pairs(i, j, hints)
             ab = np.array(list(pairs), dtype=np.int64).reshape(-1, 2)
             self._charge(parts, pc[ab[:, 0], ab[:, 1]], list(pairs.values()))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+import time
 
 from search.evaluate import Evaluator, Score
 from search.problem import Budget, Objective, SearchProblem, SearchResult, Status
@@ -146,9 +147,10 @@ class MCTS:
     stop: bool = True
 
     def search(self, problem: SearchProblem, budget: Budget) -> SearchResult:
+        started = time.perf_counter()
         space = build_space(problem.graph, problem.mesh, fixed=problem.fixed)
         multi = problem.objective is Objective.STEP_TIME_AND_MEMORY
-        ev = Evaluator(problem, space, front=multi)
+        ev = Evaluator(problem, space, front=multi, started=started)
         score = ev.score
 
         def spent() -> bool:

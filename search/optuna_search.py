@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+import time
 from collections.abc import Container
 from typing import TYPE_CHECKING, Any
 
@@ -69,6 +70,7 @@ class OptunaSearch:
     patience: int = 30
 
     def search(self, problem: SearchProblem, budget: Budget) -> SearchResult:
+        started = time.perf_counter()  # the budget counts importing Optuna (~1 s the first time)
         optuna = _import_optuna()
         from optuna.trial import TrialState
 
@@ -78,7 +80,7 @@ class OptunaSearch:
             if self.multi_objective is not None
             else problem.objective is Objective.STEP_TIME_AND_MEMORY
         )
-        ev = Evaluator(problem, space, front=multi)
+        ev = Evaluator(problem, space, front=multi, started=started)
         names = [f"{d.id}:{d.name}" for d in space.decisions]
         distributions = {
             n: optuna.distributions.CategoricalDistribution([encode(o) for o in d.options])
