@@ -107,20 +107,22 @@ class Prices:
         """Seconds per (have strategy, want) and Part, [n_have, n_want, P]; the diagonal [n, P] if `same`."""
         v = g.values[vid]
         kind = sum_kind(g, vid) if any(h.partial for h in have.shardings) else ("",)
+        have_ids = self.intern.source(have)
+        want_ids = self.intern.items(wants)
         key = (
             v.shape,
             v.itemsize,
             _phase_key(v),
             kind,
-            self.intern.source(have).tobytes(),
-            self.intern.items(wants).tobytes(),
+            have_ids.tobytes(),
+            want_ids.tobytes(),
             same,
             replicated_free,
         )
         m = self._matrix_cache.get(key)
         if m is None:
-            pairs = zip(have.shardings, have.groups, strict=True)
             if same:
+                pairs = zip(have.shardings, have.groups, strict=True)
                 m = np.array(
                     [
                         self._reshard(v, h, gr, w, replicated_free, kind)
@@ -128,11 +130,17 @@ class Prices:
                     ]
                 )
             else:
-                rows = []
-                for h, gr in pairs:
+                # Strategies of a node often share a layout: price each distinct (have, want) once.
+                _, rows, row_of = np.unique(have_ids, return_index=True, return_inverse=True)
+                _, cols, col_of = np.unique(want_ids, return_index=True, return_inverse=True)
+                distinct = []
+                for r in rows:
                     check_deadline(self.deadline, "pricing reshards for the model")
-                    rows.append([self._reshard(v, h, gr, w, replicated_free, kind) for w in wants])
-                m = np.array(rows)
+                    h, gr = have.shardings[r], have.groups[r]
+                    distinct.append([self._reshard(v, h, gr, wants[c], replicated_free, kind) for c in cols])
+                m = np.array(distinct).reshape(len(rows), len(cols), N_PARTS)[row_of.ravel()][
+                    :, col_of.ravel()
+                ]
             self._matrix_cache[key] = m
         return m
 
