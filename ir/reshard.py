@@ -3,6 +3,8 @@ a value into another (docs/xla-partitioner.md)."""
 
 from __future__ import annotations
 
+import functools
+
 from ir.comm import Collective, CollectiveKind
 from ir.graph import Value
 from ir.sharding import MeshShape, Sharding
@@ -129,6 +131,7 @@ def reshard(
     return colls, resolved
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def _retile(
     mesh: MeshShape, dims: tuple[tuple[str, ...], ...], d: int, new: tuple[str, ...]
 ) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -141,6 +144,9 @@ def _retile(
     matched by splitting the coarser side's tiles q ways, taking the major part of its replica
     index as the sub-tile: a finer target then slices locally and permutes; a coarser target
     receives the q sub-tiles and all-gathers them over the axes of that major part.
+
+    It walks every device of the mesh, and depends on the layouts alone (not on the tensor's
+    shape): memoised.
 
     Returns:
       The mesh axes the permute's pairs span (empty when every device keeps its data), and the

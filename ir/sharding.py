@@ -56,6 +56,8 @@ class MeshShape:
     axes: tuple[str, ...]
     shape: tuple[int, ...]
     links: tuple[LinkKind, ...] = ()
+    # axis name -> size, for the hot lookups of axes_size (not part of the value).
+    _sizes: dict[str, int] = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if not self.links:
@@ -72,6 +74,7 @@ class MeshShape:
                 raise ShardingError(f"mesh axis name {name!r} is not an identifier; use e.g. 'data'.")
             if size < 1:
                 raise ShardingError(f"mesh axis {name!r} has size {size}; sizes must be >= 1.")
+        object.__setattr__(self, "_sizes", dict(zip(self.axes, self.shape, strict=True)))
 
     @classmethod
     def parse(cls, text: str) -> MeshShape:
@@ -95,17 +98,20 @@ class MeshShape:
         return math.prod(self.shape)
 
     def axis_size(self, axis: str) -> int:
-        try:
-            return self.shape[self.axes.index(axis)]
-        except ValueError:
-            raise ShardingError(
-                f"unknown mesh axis {axis!r}; this mesh has axes {self.axes}.", axis=axis
-            ) from None
+        size = self._sizes.get(axis)
+        if size is None:
+            raise ShardingError(f"unknown mesh axis {axis!r}; this mesh has axes {self.axes}.", axis=axis)
+        return size
 
     def axes_size(self, axes: Iterable[str]) -> int:
-        if not axes:
-            return 1
-        return math.prod(self.axis_size(a) for a in axes)
+        n = 1
+        sizes = self._sizes
+        for a in axes:
+            size = sizes.get(a)
+            if size is None:
+                return n * self.axis_size(a)  # raises
+            n *= size
+        return n
 
     def __str__(self) -> str:
         return ",".join(f"{a}={s}" for a, s in zip(self.axes, self.shape, strict=True))

@@ -55,6 +55,7 @@ class Prices:
         self._reshard_cache: dict[tuple, np.ndarray] = {}
         self._matrix_cache: dict[tuple, np.ndarray] = {}
         self._compute_cache: dict[tuple, tuple] = {}
+        self._collective_cache: dict[tuple, float] = {}
 
     # -- compute ----------------------------------------------------------------------------------
 
@@ -167,7 +168,10 @@ class Prices:
         backward, param = _phase_key(v)
         out = np.zeros(N_PARTS)
         for c in colls:
-            t = collective_time(c, self.topo)
+            ck = (c.kind, c.axes, c.bytes, c.count)  # its time does not depend on the value's name
+            t = self._collective_cache.get(ck)
+            if t is None:
+                t = self._collective_cache[ck] = collective_time(c, self.topo)
             if not self.overlap:
                 out[Part.EXPOSED_COMM] += t
             elif backward:
