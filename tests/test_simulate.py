@@ -171,3 +171,42 @@ def test_a_long_search_starts_its_caches_afresh_and_scores_alike(monkeypatch):
     assert [ev.score(a) for a in plans] == expected
     assert ev.prop_cache is not first and len(ev.prop_cache) + ev.simulator.cache_entries() < 2_000
     evaluate.clear_shared()
+
+
+# ------------------------------------------------------------------------------ garbage collector
+
+
+class _Node:
+    def __init__(self):
+        self.other = None
+
+
+def test_evaluations_inside_a_search_are_frozen_and_handed_back():
+    import gc
+    import weakref
+
+    from cost_model.gc_pause import gc_paused, long_lived
+
+    def cycle():
+        a, b = _Node(), _Node()
+        a.other, b.other = b, a
+        return weakref.ref(a)
+
+    outside = gc.get_freeze_count()
+    with gc_paused():  # not in a search: nothing is frozen
+        kept = [_Node() for _ in range(100)]
+    assert gc.get_freeze_count() == outside
+    with long_lived():
+        entered = gc.get_freeze_count()
+        assert gc.isenabled()
+        with gc_paused():
+            assert not gc.isenabled()
+            kept += [_Node() for _ in range(100)]
+            dead = cycle()  # garbage once made: frozen with the rest, so not collected here
+        assert gc.isenabled()
+        assert gc.get_freeze_count() >= entered + 102  # the 100 kept and the cycle
+        gc.collect()
+        assert dead() is not None
+    assert gc.get_freeze_count() == 0
+    gc.collect()  # handed back on exit: the cycle is collected
+    assert dead() is None
