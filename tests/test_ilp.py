@@ -203,6 +203,23 @@ def test_layers_share_nodes(hardware):
     assert model.count(NodeKind.MERGE) < len(graph.ops) / 10
 
 
+def test_layers_share_nodes_in_a_sampled_model(hardware):
+    # Three mesh axes: the space (117,649 assignments) is sampled and some ops get FREE nodes,
+    # which have no sharding per sample; the layers after them must still share nodes (by class),
+    # or each layer makes ~117 nodes of its own.
+    from models import gpt
+
+    mesh = MeshShape.parse("data=2,fsdp=2,model=2")
+    counts = []
+    for layers in (2, 3):
+        cfg = gpt.GPTConfig(layers, 32, 2, 64, batch_size=8, seq_len=8, n_positions=8)
+        problem = SearchProblem(trace(gpt.build(cfg, scan=False, source="test")), mesh, hardware)
+        _, _, builder, model = _model(problem)
+        assert not builder.exact and model.count(NodeKind.FREE) > 0
+        counts.append(len(model.nodes))
+    assert counts[0] == counts[1]
+
+
 # --- the search --------------------------------------------------------------------------------------
 
 
