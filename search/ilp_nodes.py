@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import random
 import time
 from collections.abc import Mapping, Sequence
@@ -158,9 +159,11 @@ class Model:
     def evaluate(self, space: DecisionSpace, assignment: Assignment) -> Evaluation | None:
         """The strategy of every node under `assignment`, and what the model predicts for it.
 
-        A FREE node takes its cheapest strategy on its own. None when an input cannot take the
-        assignment (a tensor would use an axis twice).
+        A FREE node takes its cheapest strategy given the nodes before it: its own cost and the
+        reads between it and them (greedy; the program chooses FREE nodes jointly). None when an
+        input cannot take the assignment (a tensor would use an axis twice).
         """
+        reads = self._free_reads
         chosen = np.zeros(len(self.nodes), dtype=np.int64)
         for i, n in enumerate(self.decision_nodes):
             chosen[n] = space.decisions[i].options.index(assignment[i])
@@ -176,9 +179,26 @@ class Model:
                 combo = self.combos[k]
                 chosen[k] = combo.table[chosen[combo.a], chosen[combo.b]]
             elif node.kind is NodeKind.FREE:
-                chosen[k] = int(np.argmin(node.cost.sum(axis=1)))
+                own = node.cost.sum(axis=1)
+                for other, mat, reading in reads.get(k, ()):
+                    if other < k:  # chosen already
+                        own = own + (mat[chosen[other]] if reading else mat[:, chosen[other]]).sum(axis=1)
+                chosen[k] = int(np.argmin(own))
         times, memory = self.predict(chosen[None, :])
         return Evaluation(tuple(int(c) for c in chosen), float(times[0]), float(memory[0]))
+
+    @functools.cached_property
+    def _free_reads(self) -> dict[int, list[tuple[int, np.ndarray, bool]]]:
+        """Per FREE node, its edges: (the node at the other end, the edge's matrix, whether the
+        FREE node is the one reading)."""
+        free = {k for k, n in enumerate(self.nodes) if n.kind is NodeKind.FREE}
+        out: dict[int, list[tuple[int, np.ndarray, bool]]] = {}
+        for (i, j), mat in self.edges.items():
+            if i != j and j in free:
+                out.setdefault(j, []).append((i, mat, True))
+            if i != j and i in free:
+                out.setdefault(i, []).append((j, mat, False))
+        return out
 
     def best_world(self, capacity: float) -> tuple[Evaluation, bool] | None:
         """The best of the assignments the model knows (every valid one when `exact`), evaluated

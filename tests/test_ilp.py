@@ -220,6 +220,33 @@ def test_layers_share_nodes_in_a_sampled_model(hardware):
     assert counts[0] == counts[1]
 
 
+def test_a_free_node_is_evaluated_with_its_reads():
+    # One decision (2 options) read by a FREE node: strategy 0 costs 1 s alone, 1 costs 2 s; reading
+    # the decision's option 0 into strategy 0 costs 5 s more. Under option 0 the model takes
+    # strategy 1 (2 s, not 1 + 5), under option 1 strategy 0.
+    from types import SimpleNamespace
+
+    from search.ilp_nodes import N_PARTS, Node, Part
+
+    def seconds(*per_strategy, part=Part.OTHER_COMPUTE):
+        out = np.zeros((len(per_strategy), N_PARTS))
+        out[:, part] = per_strategy
+        return out
+
+    edge = np.zeros((2, 2, N_PARTS))
+    edge[0, 0, Part.EXPOSED_COMM] = 5.0
+    nodes = [
+        Node(NodeKind.CONST, "const", [None], np.zeros((1, N_PARTS))),
+        Node(NodeKind.DECISION, "d", ["a", "b"], np.zeros((2, N_PARTS))),
+        Node(NodeKind.FREE, "f", ["s0", "s1"], seconds(1.0, 2.0)),
+    ]
+    model = Model(nodes, {}, {(1, 2): edge}, [], (1,), 1)
+    space = SimpleNamespace(decisions=[SimpleNamespace(options=["a", "b"])])
+    first, second = model.evaluate(space, ("a",)), model.evaluate(space, ("b",))
+    assert (first.chosen[2], first.step_time) == (1, 2.0)
+    assert (second.chosen[2], second.step_time) == (0, 1.0)
+
+
 # --- the search --------------------------------------------------------------------------------------
 
 
