@@ -292,6 +292,8 @@ class Builder(SumResolution):
             node, strategies = self._free_node(
                 g, op, *self._keys("free", rule, fixed, operands, prios, proposing)
             )
+            if self.nodes[node].pick is None:
+                self.nodes[node].pick = self._picker(rule, operands, prios, proposing, fixed, strategies)
             self._charge_reads(g, op, operands, proposing, node, strategies, mult)
         self.decided[(id(g), op.id)] = (node, strategies)
         if op.id in g.live_ops:
@@ -349,6 +351,26 @@ class Builder(SumResolution):
                 f = memo[key] = merge(rule, props + list(fixed), self.mesh)
             out.append(f)
         return out
+
+    def _picker(self, rule: OpRule, operands, prios, proposing, fixed, strategies) -> Callable:
+        """`Node.pick` of a FREE node made for an op: `merge` of its operands under the strategies
+        their nodes take, as an index into the node's strategies (memoised)."""
+        index = {f: s for s, f in enumerate(strategies)}
+        nodes = [operands[k].node for k in proposing]
+        memo: dict[tuple[int, ...], int | None] = {}
+        mesh = self.mesh
+
+        def pick(chosen: np.ndarray) -> int | None:
+            at = tuple(int(chosen[n]) for n in nodes)
+            if at not in memo:
+                props = [
+                    (prios[k], rule.operands[k], operands[k].shardings[s])
+                    for k, s in zip(proposing, at, strict=True)
+                ]
+                memo[at] = index.get(merge(rule, props + list(fixed), mesh))
+            return memo[at]
+
+        return pick
 
     def _charge_reads(self, g, op: Op, operands, proposing, node: int, strategies, mult: int) -> None:
         """Each proposing operand is read with the dims its factors give, per strategy of `node`."""

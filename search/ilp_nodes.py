@@ -14,7 +14,7 @@ import enum
 import functools
 import random
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -59,6 +59,8 @@ class Node:
       bytes: for INPUT nodes, per-device bytes per strategy of the arguments it shards.
       sample: the node's strategy under each sampled assignment of the decisions (None for FREE
         nodes, which no assignment determines).
+      pick: for a FREE node, the strategy propagation gives its op, from the strategies of the
+        nodes before it ([nodes]); None when that strategy is not among the node's.
     """
 
     kind: NodeKind
@@ -69,6 +71,7 @@ class Node:
     links: list[tuple[int, tuple[int, ...]]] = dataclasses.field(default_factory=list)
     bytes: np.ndarray | None = None
     sample: np.ndarray | None = None
+    pick: Callable[[np.ndarray], int | None] | None = None
 
     @property
     def size(self) -> int:
@@ -159,9 +162,10 @@ class Model:
     def evaluate(self, space: DecisionSpace, assignment: Assignment) -> Evaluation | None:
         """The strategy of every node under `assignment`, and what the model predicts for it.
 
-        A FREE node takes its cheapest strategy given the nodes before it: its own cost and the
-        reads between it and them (greedy; the program chooses FREE nodes jointly). None when an
-        input cannot take the assignment (a tensor would use an axis twice).
+        A FREE node takes the strategy propagation gives its op (`Node.pick`); failing that, its
+        cheapest given the nodes before it: its own cost and the reads between it and them (the
+        program chooses FREE nodes freely). None when an input cannot take the assignment (a
+        tensor would use an axis twice).
         """
         reads = self._free_reads
         chosen = np.zeros(len(self.nodes), dtype=np.int64)
@@ -179,6 +183,10 @@ class Model:
                 combo = self.combos[k]
                 chosen[k] = combo.table[chosen[combo.a], chosen[combo.b]]
             elif node.kind is NodeKind.FREE:
+                picked = node.pick(chosen) if node.pick is not None else None
+                if picked is not None:
+                    chosen[k] = picked
+                    continue
                 own = node.cost.sum(axis=1)
                 for other, mat, reading in reads.get(k, ()):
                     if other < k:  # chosen already

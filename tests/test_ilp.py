@@ -216,11 +216,12 @@ def test_layers_share_nodes_in_a_sampled_model(hardware):
         problem = SearchProblem(trace(gpt.build(cfg, scan=False, source="test")), mesh, hardware)
         _, _, builder, model = _model(problem)
         assert not builder.exact and model.count(NodeKind.FREE) > 0
+        assert all(n.pick is not None for n in model.nodes if n.kind is NodeKind.FREE)
         counts.append(len(model.nodes))
     assert counts[0] == counts[1]
 
 
-def test_a_free_node_is_evaluated_with_its_reads():
+def test_a_free_node_is_evaluated_as_propagated_else_with_its_reads():
     # One decision (2 options) read by a FREE node: strategy 0 costs 1 s alone, 1 costs 2 s; reading
     # the decision's option 0 into strategy 0 costs 5 s more. Under option 0 the model takes
     # strategy 1 (2 s, not 1 + 5), under option 1 strategy 0.
@@ -245,6 +246,10 @@ def test_a_free_node_is_evaluated_with_its_reads():
     first, second = model.evaluate(space, ("a",)), model.evaluate(space, ("b",))
     assert (first.chosen[2], first.step_time) == (1, 2.0)
     assert (second.chosen[2], second.step_time) == (0, 1.0)
+    # The strategy propagation gives the op, when the builder knows it, goes first.
+    nodes[2].pick = lambda chosen: 0 if chosen[1] == 0 else None
+    assert (model.evaluate(space, ("a",)).chosen[2], model.evaluate(space, ("a",)).step_time) == (0, 6.0)
+    assert model.evaluate(space, ("b",)).chosen[2] == 0
 
 
 # --- the search --------------------------------------------------------------------------------------
