@@ -255,6 +255,17 @@ def test_a_free_node_is_evaluated_as_propagated_else_with_its_reads():
 # --- the search --------------------------------------------------------------------------------------
 
 
+def test_the_seeds_are_scored_before_the_solver_runs(graphs, hardware, monkeypatch):
+    # However long CP-SAT then takes, the result is never worse than the best seed.
+    events = []
+    score, solve = Evaluator.score, Program.solve
+    monkeypatch.setattr(Evaluator, "score", lambda self, a: events.append("score") or score(self, a))
+    monkeypatch.setattr(Program, "solve", lambda self, *a: events.append("solve") or solve(self, *a))
+    result = ILP().search(_problem(graphs[GPT], hardware), Budget(seconds=20.0))
+    assert "solve" in events
+    assert events.index("solve") == result.stats["seeds_scored"] > 0
+
+
 def _exhaustive_best(problem: SearchProblem) -> float:
     space = build_space(problem.graph, problem.mesh)
     ev = Evaluator(problem, space)
