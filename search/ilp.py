@@ -140,7 +140,7 @@ class ILP:
         )
         if not proven:
             # Budget left and no proof: climb from the best plan, one decision at a time.
-            stats["polished"] = _polish(ev, space, clock, evaluations)
+            stats["polished"] = _polish(ev, space, clock, evaluations, [*found, *scored])
 
         stats.update(
             ilp_status=first.status.value,
@@ -231,25 +231,33 @@ def _memory_binds(model: Model, solution: Solution, capacity: float) -> bool:
     return free[0].step_time < times[0] * (1 - 1e-9)
 
 
-def _polish(ev: Evaluator, space, clock: _Clock, evaluations: int) -> int:
-    """Scores the neighbours of the best plan (one decision changed), moving to any that is
-    better, while the budget lasts; then those two decisions away. Returns the plans scored."""
+def _polish(ev: Evaluator, space, clock: _Clock, evaluations: int, starts: list[Assignment]) -> int:
+    """Climbs from the best plan: scores its neighbours (one decision changed), moving to any
+    that is better, then those two decisions away. When no neighbour is better and the budget
+    lasts, climbs again from each of `starts` in turn (the solver's candidates, the seeds): from
+    a plan that does not fit, the climb first sheds memory. Returns the plans scored."""
     n = 0
-    for distance in (1, 2):
-        moved = True
-        while moved:
-            moved = False
-            start = ev.best_assignment()
-            for a in _neighbours(space, start, distance):
-                if a in ev.cache:
-                    continue
-                if len(ev.cache) >= evaluations or not clock.room(1):
-                    return n
-                clock.time(ev.score, a)
-                n += 1
-                if ev.best_assignment() != start:
-                    moved = distance == 1
-                    break
+    done: set[Assignment] = set()
+    for start in (ev.best_assignment(), *starts):
+        if start in done or start not in ev.cache:
+            continue
+        done.add(start)
+        cur = start
+        for distance in (1, 2):
+            moved = True
+            while moved:
+                moved = False
+                for a in _neighbours(space, cur, distance):
+                    s = ev.cache.get(a)
+                    if s is None:
+                        if len(ev.cache) >= evaluations or not clock.room(1):
+                            return n
+                        s = clock.time(ev.score, a)
+                        n += 1
+                    if s.cost < ev.cache[cur].cost:
+                        cur = a
+                        moved = distance == 1
+                        break
     return n
 
 

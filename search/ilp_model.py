@@ -68,7 +68,8 @@ class Builder(SumResolution):
       overlap: whether communication may hide behind compute (the simulator's default).
       free: give every op that reads two or more nodes a FREE node (Alpa's formulation) instead
         of deriving its strategy from its operands'.
-      max_strategies: per FREE node, the most strategies kept (its cheapest on its own).
+      max_strategies: per FREE node, the most strategies kept (its cheapest on its own), besides
+        those propagation picks under the sampled assignments of a sampled model.
       max_axes: the most mesh axes one factor of a FREE node takes.
       max_pairs: the most pair booleans one MERGE node may have before it becomes FREE.
       exact_up_to: decision spaces of at most this many assignments are enumerated to know every
@@ -126,9 +127,6 @@ class Builder(SumResolution):
         self._reach_cache: dict[tuple[int, int], list[tuple[int, int]]] = {}
         self._fingerprints: dict[tuple[int, bytes], int] = {}
         self._fingerprint_ids: dict[object, int] = {}
-        # Node without a sample (FREE, or MERGE reading one) -> its class (`_keys`): in a sampled
-        # model that is not `free`, its results are fingerprinted by class (see `_fingerprint`).
-        self._classes: dict[int, tuple] = {}
         self._wants_cache: dict[tuple[int, int], tuple] = {}
         self._results_cache: dict[tuple[int, int], tuple] = {}
         self.samples, self.exact = known_assignments(space, 256, exact_up_to, seeds)
@@ -289,9 +287,16 @@ class Builder(SumResolution):
             node, strategies = self._merge_node(g, op, operands, prios, proposing, fixed, reading, mult)
         else:
             # Ops that read alike share one node.
-            node, strategies = self._free_node(
-                g, op, *self._keys("free", rule, fixed, operands, prios, proposing)
+            # Sampled (and not `free`): its op's strategy under each sampled assignment, as
+            # propagation picks it, is the node's sample, so what reads it is known per sample too.
+            sampled = not self.exact and not self.free
+            sampled = sampled and all(
+                operands[k].node == CONST_NODE or self.nodes[operands[k].node].sample is not None
+                for k in proposing
             )
+            picks = self._sample_picks(rule, operands, prios, proposing, fixed) if sampled else None
+            key = ("free", rule, fixed, self._fingerprints_of(operands, prios, proposing))
+            node, strategies = self._free_node(g, op, key, picks)
             if self.nodes[node].pick is None:
                 self.nodes[node].pick = self._picker(rule, operands, prios, proposing, fixed, strategies)
             self._charge_reads(g, op, operands, proposing, node, strategies, mult)
@@ -386,7 +391,7 @@ class Builder(SumResolution):
         layout = self._layout(rule, operands, prios, proposing, fixed)
         # Ops whose operands shard alike under every sampled assignment of the decisions (the same
         # op in two layers, typically) behave alike: they share one node.
-        key, cls = self._keys("merge", rule, fixed, operands, prios, proposing)
+        key = ("merge", rule, fixed, self._fingerprints_of(operands, prios, proposing))
         hit = self._merge_cache.get(layout)
         if hit is None:
             # Pairs no valid assignment reaches get strategy 0; nothing reads them.
@@ -407,8 +412,6 @@ class Builder(SumResolution):
             na, nb = self.nodes[a].sample, self.nodes[b].sample
             node.sample = table[na, nb] if na is not None and nb is not None else None
             idx = self.by_key[key] = self._add(node)
-            if node.sample is None:
-                self._classes[idx] = cls
             self.combos[idx] = Combo(a, b, table, np.zeros((*table.shape, N_PARTS)))
             self.defining[idx] = layout
         elif self.defining.get(idx) != layout:
@@ -450,36 +453,20 @@ class Builder(SumResolution):
             ),
         )
 
-    def _keys(self, kind: str, rule: OpRule, fixed, operands, prios, proposing) -> tuple[tuple, tuple]:
-        """(the key ops that share a node have alike: rule, constraints and operand fingerprints;
-        the node's class: the key without the fingerprints of operands from nodes without a
-        sample, which are not known per sample)."""
-        fps = tuple((self._fingerprint(operands[k]), prios[k]) for k in proposing)
-        sampled = tuple(self.nodes[operands[k].node].sample is not None for k in proposing)
-        cls = tuple(fp if known else (None, fp[1]) for fp, known in zip(fps, sampled, strict=True))
-        return (kind, rule, fixed, fps), (kind, rule, fixed, cls)
+    def _fingerprints_of(self, operands, prios, proposing) -> tuple:
+        """What ops that share a node have alike besides rule and constraints."""
+        return tuple((self._fingerprint(operands[k]), prios[k]) for k in proposing)
 
     def _fingerprint(self, s: Source) -> int:
         """What the source's sharding is under each sampled assignment, as an interned number
-        (equal numbers: sharded alike under every sample).
-
-        A node without a sample (FREE, or a MERGE reading one) has no sharding per sample: its
-        results are its own, except in a sampled model (not `free`), where they are its class's
-        (`_keys`). By identity, the ops of each layer of an unrolled model read the nodes of the
-        layer before, so every layer made nodes of its own (3,059 nodes for Llama-8B over
-        data=4,fsdp=4,model=4, 104 over two axes); by class, alike layers share them, as alike
-        layers propagate alike."""
+        (equal numbers: sharded alike under every sample; a node without a sample, a FREE node
+        of an exact or `free` model, is its own)."""
         ids = self.intern.source(s)
         key = (s.node, ids.tobytes())
         hit = self._fingerprints.get(key)
         if hit is None:
             sample = self.nodes[s.node].sample
-            if sample is not None:
-                full = ids[sample].astype(np.int32).tobytes()
-            elif not self.exact and not self.free and s.node in self._classes:
-                full = (self._classes[s.node], key[1])
-            else:
-                full = key
+            full = key if sample is None else ids[sample].astype(np.int32).tobytes()
             hit = self._fingerprints[key] = self._fingerprint_ids.setdefault(full, len(self._fingerprint_ids))
         return hit
 
@@ -509,7 +496,25 @@ class Builder(SumResolution):
             )
         return hit[1], hit[2]
 
-    def _free_node(self, g: Graph, op: Op, key, cls) -> tuple[int, list[Factors]]:
+    def _sample_picks(self, rule: OpRule, operands, prios, proposing, fixed) -> list[Factors]:
+        """`merge` of the operands under each sampled assignment (one per row of the samples)."""
+        nodes = [operands[k].node for k in proposing]
+        columns = [self.nodes[n].sample if n != CONST_NODE else None for n in nodes]
+        memo: dict[tuple[int, ...], Factors] = {}
+        out = []
+        for r in range(len(self.samples)):
+            at = tuple(int(c[r]) if c is not None else 0 for c in columns)
+            f = memo.get(at)
+            if f is None:
+                props = [
+                    (prios[k], rule.operands[k], operands[k].shardings[s])
+                    for k, s in zip(proposing, at, strict=True)
+                ]
+                f = memo[at] = merge(rule, props + list(fixed), self.mesh)
+            out.append(f)
+        return out
+
+    def _free_node(self, g: Graph, op: Op, key, picks: list[Factors] | None) -> tuple[int, list[Factors]]:
         idx = self.by_key.get(key)
         if idx is not None:
             self.nodes[idx].members += 1
@@ -523,11 +528,14 @@ class Builder(SumResolution):
             own = [float(self.prices.compute(g, op, f, fused).sum()) for f in options]
             keep = sorted(sorted(range(len(options)), key=lambda i: (own[i], i))[: self.max_strategies])
             options = [options[i] for i in keep]
+        if picks is not None:  # the strategies propagation picks are the node's too
+            options = list(dict.fromkeys([*options, *picks]))
         name = g.values[op.outputs[0]].name if op.outputs else op.primitive
-        idx = self.by_key[key] = self._add(
-            Node(NodeKind.FREE, name, list(options), np.zeros((len(options), N_PARTS)))
-        )
-        self._classes[idx] = cls
+        node = Node(NodeKind.FREE, name, list(options), np.zeros((len(options), N_PARTS)))
+        if picks is not None:
+            index = {f: s for s, f in enumerate(options)}
+            node.sample = np.array([index[f] for f in picks], dtype=np.int64)
+        idx = self.by_key[key] = self._add(node)
         return idx, self.nodes[idx].strategies
 
     # -- structure --------------------------------------------------------------------------------

@@ -57,8 +57,9 @@ class Node:
       members: ops or tensors that share it.
       links: for INPUT nodes, (decision node, option index per strategy) per decision it reads.
       bytes: for INPUT nodes, per-device bytes per strategy of the arguments it shards.
-      sample: the node's strategy under each sampled assignment of the decisions (None for FREE
-        nodes, which no assignment determines).
+      sample: the node's strategy under each sampled assignment of the decisions. A FREE node
+        of a sampled model has the strategy propagation gives its op under each (among its
+        strategies); one of an exact or `free` model has none (None): no assignment fixes it.
       pick: for a FREE node, the strategy propagation gives its op, from the strategies of the
         nodes before it ([nodes]); None when that strategy is not among the node's.
     """
@@ -149,7 +150,8 @@ class Model:
     def reachable(self, i: int, j: int) -> list[tuple[int, int]]:
         """The (strategy of i, strategy of j) pairs some known assignment reaches (every valid one
         when the space was enumerated, else the sample): the program has booleans for those only,
-        so its solutions are assignments whose every pair was seen. Every pair of a FREE node."""
+        so its solutions are assignments whose every pair was seen. Every pair of a node without
+        a sample (a FREE node of an exact or `free` model)."""
         return reachable_pairs(self.nodes[i], self.nodes[j])
 
     def count(self, kind: NodeKind) -> int:
@@ -282,7 +284,7 @@ def check_deadline(deadline: float | None, what: str) -> None:
 
 def reachable_pairs(x: Node, y: Node) -> list[tuple[int, int]]:
     """The (strategy of x, strategy of y) pairs some known assignment reaches; every pair when
-    either node has no sample (a FREE node)."""
+    either node has no sample (a FREE node of an exact or `free` model)."""
     if x.sample is None or y.sample is None:
         return [(a, b) for a in range(x.size) for b in range(y.size)]
     flat = np.unique(x.sample * y.size + y.sample)

@@ -204,9 +204,10 @@ def test_layers_share_nodes(hardware):
 
 
 def test_layers_share_nodes_in_a_sampled_model(hardware):
-    # Three mesh axes: the space (117,649 assignments) is sampled and some ops get FREE nodes,
-    # which have no sharding per sample; the layers after them must still share nodes (by class),
-    # or each layer makes ~117 nodes of its own.
+    # Three mesh axes: the space (117,649 assignments) is sampled and some ops get FREE nodes.
+    # They take the strategy propagation picks under each sampled assignment as their sample, so
+    # what reads them is known per sample too and the layers share nodes; without samples each
+    # layer made ~117 nodes of its own.
     from models import gpt
 
     mesh = MeshShape.parse("data=2,fsdp=2,model=2")
@@ -216,7 +217,9 @@ def test_layers_share_nodes_in_a_sampled_model(hardware):
         problem = SearchProblem(trace(gpt.build(cfg, scan=False, source="test")), mesh, hardware)
         _, _, builder, model = _model(problem)
         assert not builder.exact and model.count(NodeKind.FREE) > 0
-        assert all(n.pick is not None for n in model.nodes if n.kind is NodeKind.FREE)
+        assert all(
+            n.pick is not None and n.sample is not None for n in model.nodes if n.kind is NodeKind.FREE
+        )
         counts.append(len(model.nodes))
     assert counts[0] == counts[1]
 
