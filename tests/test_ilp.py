@@ -269,6 +269,38 @@ def test_the_seeds_are_scored_before_the_solver_runs(graphs, hardware, monkeypat
     assert events.index("solve") == result.stats["seeds_scored"] > 0
 
 
+def test_the_climb_starts_again_from_the_candidates():
+    # Three decisions of four options. The best plan scored, (0, 0, 0), is a local optimum: every
+    # plan one or two decisions away is dearer. A candidate three decisions away, (3, 3, 3), is
+    # dear, but its neighbour (3, 3, 2) is the best of all: only a climb from it finds that.
+    from types import SimpleNamespace
+
+    from search.evaluate import Score
+    from search.ilp import _Clock, _polish
+
+    cost = {(0, 0, 0): 1.0, (3, 3, 3): 5.0, (3, 3, 2): 0.5}
+
+    class Scores:
+        def __init__(self):
+            self.cache = {}
+
+        def score(self, a):
+            c = cost.get(a, 10.0)
+            self.cache[a] = Score(c, 0, True, c)
+            return self.cache[a]
+
+        def best_assignment(self):
+            return min(self.cache, key=lambda a: (self.cache[a].cost, a))
+
+    options = SimpleNamespace(options=(0, 1, 2, 3))
+    space = SimpleNamespace(decisions=[options] * 3, valid=lambda a: True)
+    ev = Scores()
+    ev.score((0, 0, 0))
+    ev.score((3, 3, 3))
+    _polish(ev, space, _Clock(Budget(evaluations=1000)), 1000, [(3, 3, 3)])
+    assert ev.best_assignment() == (3, 3, 2)
+
+
 def _exhaustive_best(problem: SearchProblem) -> float:
     space = build_space(problem.graph, problem.mesh)
     ev = Evaluator(problem, space)
