@@ -6,9 +6,10 @@ combines two nodes over the factor assignments propagation gives it), pair boole
 between nodes, and live bytes at a set of program points. search.ilp_program states it for
 CP-SAT: minimise compute + exposed communication subject to the memory rows ≤ capacity.
 
-The solution's decisions are the plan. The simulator is the arbiter: it scores the solution (and
-the runners-up the solver finds when asked to exclude it) along with the expert baselines, the
-best of which warm-starts the solver, and the best plan is returned.
+The solution's decisions are the plan. The simulator is the arbiter: it scores the expert
+baselines first (the model's best of them warm-starts the solver), then the solution and the
+runners-up the solver finds when asked to exclude it, then climbs from the best plan (and from
+the others) while the budget lasts; the best plan is returned.
 """
 
 from __future__ import annotations

@@ -287,18 +287,8 @@ class Builder(SumResolution):
             node, strategies = self._merge_node(g, op, operands, prios, proposing, fixed, reading, mult)
         else:
             # Ops that read alike share one node.
-            # Sampled (and not `free`): its op's strategy under each sampled assignment, as
-            # propagation picks it, is the node's sample, so what reads it is known per sample too.
-            sampled = not self.exact and not self.free
-            sampled = sampled and all(
-                operands[k].node == CONST_NODE or self.nodes[operands[k].node].sample is not None
-                for k in proposing
-            )
-            picks = self._sample_picks(rule, operands, prios, proposing, fixed) if sampled else None
             key = ("free", rule, fixed, self._fingerprints_of(operands, prios, proposing))
-            node, strategies = self._free_node(g, op, key, picks)
-            if self.nodes[node].pick is None:
-                self.nodes[node].pick = self._picker(rule, operands, prios, proposing, fixed, strategies)
+            node, strategies = self._free_node(g, op, key, operands, prios, proposing, fixed)
             self._charge_reads(g, op, operands, proposing, node, strategies, mult)
         self.decided[(id(g), op.id)] = (node, strategies)
         if op.id in g.live_ops:
@@ -349,11 +339,8 @@ class Builder(SumResolution):
             f = memo.get(key)
             if f is None:
                 check_deadline(self.deadline, "building the model")
-                props = [
-                    (prios[k], rule.operands[k], operands[k].shardings[pick[operands[k].node]])
-                    for k in proposing
-                ]
-                f = memo[key] = merge(rule, props + list(fixed), self.mesh)
+                at = [pick[operands[k].node] for k in proposing]
+                f = memo[key] = _merge_at(rule, operands, prios, proposing, fixed, at, self.mesh)
             out.append(f)
         return out
 
@@ -368,11 +355,7 @@ class Builder(SumResolution):
         def pick(chosen: np.ndarray) -> int | None:
             at = tuple(int(chosen[n]) for n in nodes)
             if at not in memo:
-                props = [
-                    (prios[k], rule.operands[k], operands[k].shardings[s])
-                    for k, s in zip(proposing, at, strict=True)
-                ]
-                memo[at] = index.get(merge(rule, props + list(fixed), mesh))
+                memo[at] = index.get(_merge_at(rule, operands, prios, proposing, fixed, at, mesh))
             return memo[at]
 
         return pick
@@ -496,30 +479,28 @@ class Builder(SumResolution):
             )
         return hit[1], hit[2]
 
-    def _sample_picks(self, rule: OpRule, operands, prios, proposing, fixed) -> list[Factors]:
-        """`merge` of the operands under each sampled assignment (one per row of the samples)."""
+    def _sample_picks(self, rule: OpRule, operands, prios, proposing, fixed) -> list[Factors] | None:
+        """`merge` of the operands under each sampled assignment (one per row of the samples); None
+        in an exact or `free` model, or when an operand's node has no sample."""
         nodes = [operands[k].node for k in proposing]
-        columns = [self.nodes[n].sample if n != CONST_NODE else None for n in nodes]
-        memo: dict[tuple[int, ...], Factors] = {}
-        out = []
-        for r in range(len(self.samples)):
-            at = tuple(int(c[r]) if c is not None else 0 for c in columns)
-            f = memo.get(at)
-            if f is None:
-                props = [
-                    (prios[k], rule.operands[k], operands[k].shardings[s])
-                    for k, s in zip(proposing, at, strict=True)
-                ]
-                f = memo[at] = merge(rule, props + list(fixed), self.mesh)
-            out.append(f)
-        return out
+        if self.exact or self.free or any(n != CONST_NODE and self.nodes[n].sample is None for n in nodes):
+            return None
+        columns = [(n, self.nodes[n].sample) for n in nodes if n != CONST_NODE]
+        rows = [{CONST_NODE: 0, **{n: int(c[r]) for n, c in columns}} for r in range(len(self.samples))]
+        return self._merged(rule, operands, prios, proposing, fixed, rows)
 
-    def _free_node(self, g: Graph, op: Op, key, picks: list[Factors] | None) -> tuple[int, list[Factors]]:
+    def _free_node(
+        self, g: Graph, op: Op, key, operands, prios, proposing, fixed
+    ) -> tuple[int, list[Factors]]:
         idx = self.by_key.get(key)
         if idx is not None:
             self.nodes[idx].members += 1
             return idx, self.nodes[idx].strategies
         rule = op.rule
+        # In a sampled model, the strategy propagation picks for the op under each sampled
+        # assignment is the node's sample (and one of its strategies), so what reads it is known
+        # per sample too.
+        picks = self._sample_picks(rule, operands, prios, proposing, fixed)
         options = self._strategy_cache.get(rule)
         if options is None:
             options = self._strategy_cache[rule] = op_strategies(rule, self.mesh, self.max_axes)
@@ -528,10 +509,11 @@ class Builder(SumResolution):
             own = [float(self.prices.compute(g, op, f, fused).sum()) for f in options]
             keep = sorted(sorted(range(len(options)), key=lambda i: (own[i], i))[: self.max_strategies])
             options = [options[i] for i in keep]
-        if picks is not None:  # the strategies propagation picks are the node's too
+        if picks is not None:
             options = list(dict.fromkeys([*options, *picks]))
         name = g.values[op.outputs[0]].name if op.outputs else op.primitive
         node = Node(NodeKind.FREE, name, list(options), np.zeros((len(options), N_PARTS)))
+        node.pick = self._picker(rule, operands, prios, proposing, fixed, node.strategies)
         if picks is not None:
             index = {f: s for s, f in enumerate(options)}
             node.sample = np.array([index[f] for f in picks], dtype=np.int64)
@@ -654,3 +636,11 @@ class Builder(SumResolution):
 def _target(node: int, shardings: tuple[Sharding, ...]) -> Source:
     """A sharding a read wants per strategy of `node` (never a pending sum)."""
     return Source(node, shardings, ((),) * len(shardings))
+
+
+def _merge_at(rule: OpRule, operands, prios, proposing, fixed, at, mesh) -> Factors:
+    """`merge` of an op's proposing operands, operand k sharded as its source's strategy at[k]."""
+    props = [
+        (prios[k], rule.operands[k], operands[k].shardings[s]) for k, s in zip(proposing, at, strict=True)
+    ]
+    return merge(rule, props + list(fixed), mesh)
