@@ -418,10 +418,10 @@ def _walk_parts(
     resolving: set[int],
     cache: TimelineCache,
 ) -> int:
-    """Walks the schedule of a propagation made of cached parts; returns the last step. A part
-    whose live ops run one after another, none of them special (`part_steps.summary`) and none of them
-    resolving a sum, moves the walk in one go; every other node is walked op by op."""
-    last_read, written, copies, sliced = w.last_read, w.written, w.copies, w.sliced
+    """Walks the schedule of a propagation made of cached parts; returns the last step. Within
+    a part whose live ops run one after another, each run of plain ops (`part_steps.summary`)
+    moves the walk in one go; every other op is walked by its entry, or in full."""
+    last_read, written = w.last_read, w.written
     op_step = w.op_step if w.compiler.copies_donated_inputs else None
     spans, span_of = prop.graph.derived("liveness.live_spans", live_spans)
     ops = prop.graph.ops
@@ -429,9 +429,17 @@ def _walk_parts(
     for span, n in runs(prop.graph, nodes, cache):
         if span >= 0:
             hit = hits[span]
-            summary = hit[4]
-            if summary is not None:
-                ids, reads, outs = summary
+            moves = hit[4]
+            if moves is None:  # steps not worked out: walked in full
+                for m in spans[span]:
+                    step = w.visit(m, step)
+                continue
+            entries, start = hit[2], hit[0].span.start
+            for move in moves:
+                if move.__class__ is int:
+                    step = _entry(w, entries[move - start], move, step, op_step, resolving, ops)
+                    continue
+                ids, reads, outs, at = move
                 for r, k in reads:
                     last_read[r] = step + k
                 for v, k in outs:
@@ -439,57 +447,62 @@ def _walk_parts(
                 if op_step is not None:
                     for k, m in enumerate(ids, 1):
                         op_step[m] = step + k
-                for m in hit[3]:
+                for m, k in at:
                     if m in resolving:
-                        _written(w, ops[m], step + ids.index(m) + 1)
+                        _written(w, ops[m], step + k)
                 step += len(ids)
-                continue
-            todo = spans[span]
         elif n < 0:
             step = _collective(groups[-1 - n], step, w)
-            continue
         else:
-            todo = (n,)
             hit = hits[span_of[n]]
-        entries, start = hit[2], hit[0].span.start
-        for n in todo:
-            e = entries[n - start] if entries is not None else None
-            if e is None:
-                step = w.visit(n, step)
-                continue
-            reads, outs, copied, extra = e
-            if copied:  # each operand read resharded: a copy made the first time (key), else reused
-                for key, b, root in copied:
-                    if key not in copies:
-                        step += 1
-                        copies[key] = [b, step, step]
-                        if root is not None:
-                            last_read[root] = step
+            entries = hit[2]
+            e = entries[n - hit[0].span.start] if entries is not None else None
+            step = _entry(w, e, n, step, op_step, resolving, ops)
+    return step
+
+
+def _entry(
+    w: _Walk, e: tuple | None, n: int, step: int, op_step: dict | None, resolving: set[int], ops
+) -> int:
+    """Walks op `n` by its entry `e` (`part_steps.part_steps`), or in full where that is None;
+    returns its step."""
+    if e is None:
+        return w.visit(n, step)
+    last_read, written, copies = w.last_read, w.written, w.copies
+    reads, outs, copied, extra = e
+    if copied:  # each operand read resharded: a copy made the first time (key), else reused
+        for key, b, root in copied:
+            if key not in copies:
                 step += 1
-                for key, _, _ in copied:
-                    copies[key][2] = step
+                copies[key] = [b, step, step]
+                if root is not None:
+                    last_read[root] = step
+        step += 1
+        for key, _, _ in copied:
+            copies[key][2] = step
+    else:
+        step += 1
+    for r in reads:
+        last_read[r] = step
+    for v in outs:
+        written[v] = step
+    if extra is not None:
+        made, body = extra
+        sliced = w.sliced
+        for root, b in made:
+            if b < 0:
+                w.full[root] = step
             else:
-                step += 1
-            for r in reads:
-                last_read[r] = step
-            for v in outs:
-                written[v] = step
-            if extra is not None:
-                made, body = extra
-                for root, b in made:
-                    if b < 0:
-                        w.full[root] = step
-                    else:
-                        sliced[root] = max(sliced.get(root, 0), b)
-                if body is not None:  # a loop or branch: its body's own peak while it runs
-                    inner, primitive, early = body
-                    w.out.append((_BODY, -1, inner, step, step, primitive))
-                    for v in early:
-                        written[v] = 1
-            if op_step is not None:
-                op_step[n] = step
-            if n in resolving:
-                _written(w, ops[n], step)
+                sliced[root] = max(sliced.get(root, 0), b)
+        if body is not None:  # a loop or branch: its body's own peak while it runs
+            inner, primitive, early = body
+            w.out.append((_BODY, -1, inner, step, step, primitive))
+            for v in early:
+                written[v] = 1
+    if op_step is not None:
+        op_step[n] = step
+    if n in resolving:
+        _written(w, ops[n], step)
     return step
 
 

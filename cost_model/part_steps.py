@@ -34,7 +34,7 @@ def moves(prop: Propagation, vid: int, want: Sharding, cache: TimelineCache | No
 def part_hits(w: _Walk, parts: tuple[Part, ...]) -> list[tuple]:
     """Per part, its entry of `TimelineCache.steps`: (part, fusion, per op of its span what it
     does to the timeline or None (`part_steps`), the live ops whose results may be resolved,
-    the part as one move of the walk or None (`summary`)). In a searcher's walk nearly every
+    the part as moves of the walk or None (`summary`)). In a searcher's walk nearly every
     part is walked again, so once a graph has been walked its new parts' steps are worked out
     the first time they are seen; in a graph's first walk (a single evaluation) they are walked
     in full, which costs less, and worked out if seen again."""
@@ -52,34 +52,51 @@ def part_hits(w: _Walk, parts: tuple[Part, ...]) -> list[tuple]:
             resolvable = tuple(n for n in part.rewritten if n in live)
             if eager:
                 made = part_steps(w, part)
-                hit = cache.steps[key] = (part, w.fused, made, resolvable, summary(w, part, made))
+                hit = cache.steps[key] = (part, w.fused, made, resolvable, summary(w, part, made, resolvable))
             else:
                 hit = cache.steps[key] = (part, w.fused, None, resolvable, None)
         elif hit[2] is None:
             made = part_steps(w, part)
-            hit = cache.steps[key] = (part, w.fused, made, hit[3], summary(w, part, made))
+            hit = cache.steps[key] = (part, w.fused, made, hit[3], summary(w, part, made, hit[3]))
         hits.append(hit)
     return hits
 
 
-def summary(w: _Walk, part: Part, entries: tuple) -> tuple | None:
-    """A part's steps as one move of the walk, when every live op of it is plain (reads its
-    operands as they are stored, runs no body, reads no broadcast): (its live ops, per buffer
-    read the last of them to read it, per value written the one that writes it; 1-based). None
-    if some op is not plain."""
+def summary(w: _Walk, part: Part, entries: tuple, resolvable: tuple[int, ...]) -> tuple:
+    """A part's steps as moves of the walk: per run of consecutive plain live ops (reading their
+    operands as they are stored, running no body, reading no broadcast) one move, (its ops, per
+    buffer read the last of them to read it, per value written the one that writes it, per op
+    of `resolvable` among them its position; 1-based); every other live op by its id, walked by
+    its entry (`part_steps`) or in full."""
     live = w.prop.graph.live_ops
     start = part.span.start
-    ids = tuple(n for n in range(start, part.span.stop) if n in live)
-    last: dict[int, int] = {}
-    outs = []
-    for k, n in enumerate(ids, 1):
+    out: list = []
+    run: list[int] = []
+
+    def close() -> None:
+        if not run:
+            return
+        last: dict[int, int] = {}
+        outs = []
+        for k, n in enumerate(run, 1):
+            for r in entries[n - start][0]:
+                last[r] = k
+            outs.extend((v, k) for v in entries[n - start][1])
+        at = tuple((m, run.index(m) + 1) for m in resolvable if m in run)
+        out.append((tuple(run), tuple(last.items()), tuple(outs), at))
+        run.clear()
+
+    for n in range(start, part.span.stop):
+        if n not in live:
+            continue
         e = entries[n - start]
         if e is None or e[2] or e[3] is not None:
-            return None
-        for r in e[0]:
-            last[r] = k
-        outs.extend((v, k) for v in e[1])
-    return ids, tuple(last.items()), tuple(outs)
+            close()
+            out.append(n)
+        else:
+            run.append(n)
+    close()
+    return tuple(out)
 
 
 def runs(g: Graph, nodes: list[int], cache: TimelineCache) -> list[tuple[int, int]]:

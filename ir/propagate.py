@@ -236,8 +236,10 @@ class _Propagator:
 
     def _span(self, span: Span) -> None:
         cur = self.cur
-        ins = tuple([cur[v] for v in span.reads])
-        pending = tuple([self.sum_groups.get(v) for v in span.summable if cur[v].partial])
+        ins = span.read(cur)
+        pending = (
+            tuple([self.sum_groups.get(v) for v in span.summable if cur[v].partial]) if span.summable else ()
+        )
         key = (self.gkey, span.index, ins, pending)
         if span.watched:
             key += (tuple([cur[v] for v in span.watched]),)
@@ -262,7 +264,9 @@ class _Propagator:
             return Part(
                 span,
                 tuple(self.ops[span.start : span.stop]),
-                tuple(self.cur[v] for v in span.defs),
+                tuple(self.cur[span.def_range[0] : span.def_range[1]])
+                if span.def_range is not None
+                else tuple(self.cur[v] for v in span.defs),
                 tuple((v, self.sum_groups[v]) for v in span.defs if v in self.sum_groups),
                 tuple(self.colls),
                 tuple(self.outside),
@@ -278,7 +282,10 @@ class _Propagator:
         span = part.span
         self.ops[span.start : span.stop] = part.ops
         cur = self.cur
-        any(map(cur.__setitem__, span.defs, part.defs))  # cur[v] = s for each, at C speed
+        if span.def_range is not None:
+            cur[span.def_range[0] : span.def_range[1]] = part.defs
+        else:
+            any(map(cur.__setitem__, span.defs, part.defs))  # cur[v] = s for each, at C speed
         for v, groups in part.sum_groups:
             self.sum_groups[v] = groups
         colls = part.collectives

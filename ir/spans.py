@@ -10,7 +10,8 @@ decisions, collectives and all.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Hashable
+import operator
+from collections.abc import Callable, Hashable
 from typing import TYPE_CHECKING
 
 from ir.comm import Collective
@@ -39,6 +40,11 @@ class Span:
         factor), in order.
       outputs: in a loop body, the indices of the stacked outputs whose given layouts decide
         where a pending sum it reads is resolved to (`ir.sum_targets.stacked_targets`).
+      read: per-value list -> the tuple of its entries at `reads` (an `operator.itemgetter`).
+      def_range: (first, stop) when `defs` are in order and every value id between first and
+        stop-1 that is not one of them is a constant (no op makes it, the graph is not given
+        it: its sharding never changes); a part then stores the shardings of all of first..stop-1
+        with one slice assignment. None otherwise.
     """
 
     index: int
@@ -50,6 +56,18 @@ class Span:
     watched: tuple[int, ...] = ()
     summable: tuple[int, ...] = ()
     outputs: tuple[int, ...] = ()
+    read: Callable[[list], tuple] = dataclasses.field(default=tuple, compare=False, repr=False)
+    def_range: tuple[int, int] | None = None
+
+
+def _getter(ids: tuple[int, ...]) -> Callable[[list], tuple]:
+    """A function from a list to the tuple of its entries at `ids`, at C speed."""
+    if not ids:
+        return lambda _: ()
+    if len(ids) == 1:
+        get = operator.itemgetter(ids[0])
+        return lambda values: (get(values),)
+    return operator.itemgetter(*ids)
 
 
 @dataclasses.dataclass(frozen=True, slots=True, eq=False)
@@ -62,7 +80,8 @@ class Part:
     Attributes:
       span: the ops.
       ops: the factor assignment of each op of the span.
-      defs: the sharding of each of the span's values at its end.
+      defs: the sharding of each of the span's values at its end; of every value id in
+        `span.def_range` when that is set.
       sum_groups: (value, groups) of the span's values left as pending sums.
       collectives: every collective the span made, in order.
       outside: per read of a value made before the span, in order: (index into `collectives`
@@ -97,6 +116,7 @@ def spans_of(graph: Graph) -> tuple[Span, ...]:
     bounds = [(a, min(a + SPAN_OPS, n)) for a in range(0, n, SPAN_OPS)]
     meetings = graph.derived("propagate.sum_paths", sum_paths)
     producer = graph.producer
+    given = set(graph.inputs)
     out = []
     for index, (a, b) in reversed(list(enumerate(bounds))):
         ops = graph.ops[a:b]
@@ -127,7 +147,26 @@ def spans_of(graph: Graph) -> tuple[Span, ...]:
         )
         exported = frozenset(v for v in defs if v in later_reads)
         summable = tuple(v for v in reads if v in producer and leaves_sums(graph.ops[producer[v]]))
-        out.append(Span(index, a, b, reads, defs, exported, watched, summable, outputs))
+        contiguous = (
+            bool(defs)
+            and all(v in mine or (v not in producer and v not in given) for v in range(defs[0], defs[-1] + 1))
+            and list(defs) == sorted(defs)
+        )
+        out.append(
+            Span(
+                index,
+                a,
+                b,
+                reads,
+                defs,
+                exported,
+                watched,
+                summable,
+                outputs,
+                _getter(reads),
+                (defs[0], defs[-1] + 1) if contiguous else None,
+            )
+        )
         later_reads.update(reads)
     return tuple(reversed(out))
 
