@@ -43,7 +43,7 @@ from cost_model.compiler import (
     schedule,
 )
 from cost_model.fusion import GENERATED, FusionCache, fused_and_aliased, fused_sources, generated
-from cost_model.part_steps import live_spans, moves, part_hits, runs
+from cost_model.part_steps import live_spans, moves, part_hits, runs, sub_moves
 from ir.comm import CollectiveKind
 from ir.graph import Graph, Op
 from ir.propagate import Propagation
@@ -110,6 +110,7 @@ class TimelineCache:
         self.runs: dict[int, tuple] = {}  # schedule -> its runs of whole spans (see part_steps.runs)
         self.walks: dict[int, int] = {}  # graph id -> parts walks (see part_steps.part_hits)
         self.footprints: dict[tuple, tuple] = {}  # (graph, input and output layouts) -> bytes
+        self.pinned: dict[int, tuple] = {}  # graph id -> (aliases, buffers of arguments and results)
 
 
 def _order(g: Graph) -> tuple[list[Op], list[Op]]:
@@ -298,7 +299,13 @@ class _Walk:
         self.memo = memo
         self.sizes = sizes
         g = prop.graph
-        self.pinned = {alias.get(v, v) for v in (*g.inputs, *g.outputs)}
+        # The buffers of arguments and results: a function of the aliases (kept with them).
+        hit = cache.pinned.get(id(g)) if cache is not None else None
+        if hit is None or hit[0] is not alias:
+            hit = (alias, {alias.get(v, v) for v in (*g.inputs, *g.outputs)})
+            if cache is not None:
+                cache.pinned[id(g)] = hit
+        self.pinned = hit[1]
         self.resolutions: dict[int, Resolution] = {}
         self.resolving: set[int] = set()  # ops that write a value `resolutions` resolves
         self.sliced: dict[int, int] = {}  # broadcast value -> the most bytes a reader reads it in
@@ -419,45 +426,41 @@ def _walk_parts(
     cache: TimelineCache,
 ) -> int:
     """Walks the schedule of a propagation made of cached parts; returns the last step. Within
-    a part whose live ops run one after another, each run of plain ops (`part_steps.summary`)
-    moves the walk in one go; every other op is walked by its entry, or in full."""
+    each run of a part's live ops that the schedule keeps together, each run of plain ops
+    (`part_steps.summary`) moves the walk in one go; every other op is walked by its entry, or
+    in full."""
     last_read, written = w.last_read, w.written
     op_step = w.op_step if w.compiler.copies_donated_inputs else None
-    spans, span_of = prop.graph.derived("liveness.live_spans", live_spans)
+    spans, _ = prop.graph.derived("liveness.live_spans", live_spans)
     ops = prop.graph.ops
     step = 0
-    for span, n in runs(prop.graph, nodes, cache):
-        if span >= 0:
-            hit = hits[span]
-            moves = hit[4]
-            if moves is None:  # steps not worked out: walked in full
-                for m in spans[span]:
-                    step = w.visit(m, step)
+    for span, first, stop in runs(prop.graph, nodes, cache):
+        if span < 0:
+            step = _collective(groups[-1 - first], step, w)
+            continue
+        hit = hits[span]
+        if hit[4] is None:  # steps not worked out: walked in full
+            for m in spans[span][first:stop]:
+                step = w.visit(m, step)
+            continue
+        entries, start = hit[2], hit[0].span.start
+        whole = first == 0 and stop == len(spans[span])
+        for move in hit[4] if whole else sub_moves(w, hit, first, stop):
+            if move.__class__ is int:
+                step = _entry(w, entries[move - start], move, step, op_step, resolving, ops)
                 continue
-            entries, start = hit[2], hit[0].span.start
-            for move in moves:
-                if move.__class__ is int:
-                    step = _entry(w, entries[move - start], move, step, op_step, resolving, ops)
-                    continue
-                ids, reads, outs, at = move
-                for r, k in reads:
-                    last_read[r] = step + k
-                for v, k in outs:
-                    written[v] = step + k
-                if op_step is not None:
-                    for k, m in enumerate(ids, 1):
-                        op_step[m] = step + k
-                for m, k in at:
-                    if m in resolving:
-                        _written(w, ops[m], step + k)
-                step += len(ids)
-        elif n < 0:
-            step = _collective(groups[-1 - n], step, w)
-        else:
-            hit = hits[span_of[n]]
-            entries = hit[2]
-            e = entries[n - hit[0].span.start] if entries is not None else None
-            step = _entry(w, e, n, step, op_step, resolving, ops)
+            ids, reads, outs, at = move
+            for r, k in reads:
+                last_read[r] = step + k
+            for v, k in outs:
+                written[v] = step + k
+            if op_step is not None:
+                for k, m in enumerate(ids, 1):
+                    op_step[m] = step + k
+            for m, k in at:
+                if m in resolving:
+                    _written(w, ops[m], step + k)
+            step += len(ids)
     return step
 
 

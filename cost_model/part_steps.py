@@ -34,7 +34,8 @@ def moves(prop: Propagation, vid: int, want: Sharding, cache: TimelineCache | No
 def part_hits(w: _Walk, parts: tuple[Part, ...]) -> list[tuple]:
     """Per part, its entry of `TimelineCache.steps`: (part, fusion, per op of its span what it
     does to the timeline or None (`part_steps`), the live ops whose results may be resolved,
-    the part as moves of the walk or None (`summary`)). In a searcher's walk nearly every
+    the part as moves of the walk or None (`summary`), and the moves of runs of part of its live
+    ops, (first, stop) -> moves, made as a schedule needs them (`sub_moves`)). In a searcher's walk nearly every
     part is walked again, so once a graph has been walked its new parts' steps are worked out
     the first time they are seen; in a graph's first walk (a single evaluation) they are walked
     in full, which costs less, and worked out if seen again."""
@@ -52,23 +53,39 @@ def part_hits(w: _Walk, parts: tuple[Part, ...]) -> list[tuple]:
             resolvable = tuple(n for n in part.rewritten if n in live)
             if eager:
                 made = part_steps(w, part)
-                hit = cache.steps[key] = (part, w.fused, made, resolvable, summary(w, part, made, resolvable))
+                moved = summary(w, part, made, resolvable, _live_ids(part, live))
+                hit = cache.steps[key] = (part, w.fused, made, resolvable, moved, {})
             else:
-                hit = cache.steps[key] = (part, w.fused, None, resolvable, None)
+                hit = cache.steps[key] = (part, w.fused, None, resolvable, None, None)
         elif hit[2] is None:
             made = part_steps(w, part)
-            hit = cache.steps[key] = (part, w.fused, made, hit[3], summary(w, part, made, hit[3]))
+            moved = summary(w, part, made, hit[3], _live_ids(part, live))
+            hit = cache.steps[key] = (part, w.fused, made, hit[3], moved, {})
         hits.append(hit)
     return hits
 
 
-def summary(w: _Walk, part: Part, entries: tuple, resolvable: tuple[int, ...]) -> tuple:
-    """A part's steps as moves of the walk: per run of consecutive plain live ops (reading their
-    operands as they are stored, running no body, reading no broadcast) one move, (its ops, per
-    buffer read the last of them to read it, per value written the one that writes it, per op
-    of `resolvable` among them its position; 1-based); every other live op by its id, walked by
-    its entry (`part_steps`) or in full."""
-    live = w.prop.graph.live_ops
+def _live_ids(part: Part, live) -> tuple[int, ...]:
+    return tuple(n for n in range(part.span.start, part.span.stop) if n in live)
+
+
+def sub_moves(w: _Walk, hit: tuple, first: int, stop: int) -> tuple:
+    """The moves (`summary`) of live ops first..stop-1 of a part's span (`part_hits` entry
+    `hit`, its steps worked out), made once per entry."""
+    got = hit[5].get((first, stop))
+    if got is None:
+        part = hit[0]
+        ids = _live_ids(part, w.prop.graph.live_ops)[first:stop]
+        got = hit[5][(first, stop)] = summary(w, part, hit[2], hit[3], ids)
+    return got
+
+
+def summary(w: _Walk, part: Part, entries: tuple, resolvable: tuple[int, ...], ids: tuple[int, ...]) -> tuple:
+    """Live ops `ids` of a part, run one after another, as moves of the walk: per run of
+    consecutive plain ops (reading their operands as they are stored, running no body, reading
+    no broadcast) one move, (its ops, per buffer read the last of them to read it, per value
+    written the one that writes it, per op of `resolvable` among them its position; 1-based);
+    every other op by its id, walked by its entry (`part_steps`) or in full."""
     start = part.span.start
     out: list = []
     run: list[int] = []
@@ -86,9 +103,7 @@ def summary(w: _Walk, part: Part, entries: tuple, resolvable: tuple[int, ...]) -
         out.append((tuple(run), tuple(last.items()), tuple(outs), at))
         run.clear()
 
-    for n in range(start, part.span.stop):
-        if n not in live:
-            continue
+    for n in ids:
         e = entries[n - start]
         if e is None or e[2] or e[3] is not None:
             close()
@@ -99,28 +114,38 @@ def summary(w: _Walk, part: Part, entries: tuple, resolvable: tuple[int, ...]) -
     return tuple(out)
 
 
-def runs(g: Graph, nodes: list[int], cache: TimelineCache) -> list[tuple[int, int]]:
-    """The schedule as (span index, -1) for each span whose live ops run one after another with
-    nothing between, and (-1, node) for every other node; kept with the schedule."""
+def runs(g: Graph, nodes: list[int], cache: TimelineCache) -> list[tuple[int, int, int]]:
+    """The schedule as (span index, first, stop) for each run of a span's live ops first..stop-1
+    (indices into `live_spans`) that run one after another, and (-1, node, 0) for each
+    collective; kept with the schedule."""
     hit = cache.runs.get(id(nodes))
     if hit is not None and hit[0] is nodes:
         return hit[1]
     spans, span_of = g.derived("liveness.live_spans", live_spans)
+    at = g.derived("liveness.live_positions", _live_positions)
     out = []
     pos = 0
     while pos < len(nodes):
         n = nodes[pos]
-        if n >= 0:
-            i = span_of[n]
-            ids = spans[i]
-            if ids[0] == n and tuple(nodes[pos : pos + len(ids)]) == ids:
-                out.append((i, -1))
-                pos += len(ids)
-                continue
-        out.append((-1, n))
-        pos += 1
+        if n < 0:
+            out.append((-1, n, 0))
+            pos += 1
+            continue
+        i = span_of[n]
+        ids = spans[i]
+        first = stop = at[n]
+        while pos < len(nodes) and stop < len(ids) and nodes[pos] == ids[stop]:
+            pos += 1
+            stop += 1
+        out.append((i, first, stop))
     cache.runs[id(nodes)] = (nodes, out)
     return out
+
+
+def _live_positions(g: Graph) -> dict[int, int]:
+    """Per live op id, its position among the live ops of its span."""
+    spans, _ = g.derived("liveness.live_spans", live_spans)
+    return {n: k for ids in spans for k, n in enumerate(ids)}
 
 
 def live_spans(g: Graph) -> tuple[tuple[tuple[int, ...], ...], dict[int, int]]:

@@ -190,7 +190,7 @@ class Simulator:
     def step_time_and_peak(self, prop: Propagation) -> tuple[float, int]:
         """(step seconds, per-device peak bytes): what a searcher compares, without the report."""
         compute = self._compute(prop, 1, None)
-        exposed, _, _ = self._comm(prop, compute)
+        exposed = self._comm(prop, compute, detail=False)[0]
         peak = memory_peak(prop, compiler=self.compiler, cache=self.timelines)
         return compute.forward + compute.backward + compute.other + exposed, peak
 
@@ -234,8 +234,10 @@ class Simulator:
                         self._span(prop, part.span.start, part.span.stop, 1, None, part),
                     )
                 c = hit[1]
-                for k in range(4):
-                    acc[k] += c[k]
+                acc[0] += c[0]
+                acc[1] += c[1]
+                acc[2] += c[2]
+                acc[3] += c[3]
         else:
             for a in range(0, len(prop.graph.ops), SPAN_OPS):
                 c = self._span(prop, a, a + SPAN_OPS, mult, rows, None)
@@ -274,21 +276,24 @@ class Simulator:
                 rows.append((g, op, cost, t * mult, mult))
         return (acc[0], acc[1], acc[2], flops)
 
-    def _comm(self, prop: Propagation, compute: _Compute):
-        """(exposed seconds, total seconds, (kind, axes) -> (bytes, seconds))."""
+    def _comm(self, prop: Propagation, compute: _Compute, detail: bool = True):
+        """(exposed seconds, total seconds, (kind, axes) -> (bytes, seconds)); without `detail`
+        only the exposed seconds (the others 0.0 and {})."""
         roles = self._roles.get(id(prop.graph))
         if roles is None:
             roles = self._roles[id(prop.graph)] = _value_roles(prop)
         by_key: dict[tuple[CollectiveKind, tuple[str, ...]], tuple[int, float]] = {}
         hideable_fwd = hideable_bwd = exposed = 0.0
         none = self.overlap is Overlap.NONE
+        coll = self._coll
         for c in prop.collectives:
-            hit = self._coll.get(c)
+            hit = coll.get(c)
             if hit is None:
-                hit = self._coll[c] = (collective_time(c, self.topo), _phase(c, roles))
+                hit = coll[c] = (collective_time(c, self.topo), _phase(c, roles))
             t, where = hit
-            b, sec = by_key.get((c.kind, c.axes), (0, 0.0))
-            by_key[(c.kind, c.axes)] = (b + c.total_bytes, sec + t)
+            if detail:
+                b, sec = by_key.get((c.kind, c.axes), (0, 0.0))
+                by_key[(c.kind, c.axes)] = (b + c.total_bytes, sec + t)
             if none or where == "exposed":
                 exposed += t
             elif where == "backward":

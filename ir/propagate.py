@@ -98,6 +98,10 @@ def _sum_readers(graph: Graph) -> frozenset[int]:
     return frozenset(op.id for op in graph.ops if any(v in maybe for v in op.inputs))
 
 
+def _batch_inputs(graph: Graph) -> frozenset[int]:
+    return frozenset(i for i in graph.inputs if graph.values[i].role is Role.BATCH)
+
+
 def _live(graph: Graph) -> tuple[bool, ...]:
     live = [False] * len(graph.values)
     for op in graph.ops:
@@ -160,8 +164,9 @@ class _Propagator:
         # Per value with a pending sum: its partial axes grouped as XLA reduces them (see reshard).
         self.sum_groups: dict[int, tuple[tuple[str, ...], ...]] = {}
         if batch_inputs is None:
-            batch_inputs = frozenset(i for i in graph.inputs if graph.values[i].role is Role.BATCH)
-        batch_inputs = frozenset(batch_inputs)
+            batch_inputs = graph.derived("propagate.batch_inputs", _batch_inputs)
+        elif batch_inputs.__class__ is not frozenset:
+            batch_inputs = frozenset(batch_inputs)
         self.cache = cache
         # Parts are replayed per graph and batch; a span whose sums are resolved into a loop
         # body's stacked outputs also per those outputs' given layouts (`Span.outputs`).
