@@ -103,14 +103,22 @@ class TimelineCache:
         self.resolutions: dict[tuple, tuple] = {}
         self.combined: dict[tuple, list[list[int]]] = {}
         self.schedules: dict[tuple, list[int]] = {}
-        self.sizes: dict[tuple, int] = {}
+        # graph id -> (graph, per value id None or {sharding: bytes of its local shard})
+        self.sizes: dict[int, tuple[Graph, list]] = {}
+        self.size_entries = 0  # how many (value, sharding) entries `sizes` holds
         self.slices: dict[tuple, tuple] = {}
         self.moves: dict[tuple, bool] = {}  # (shape, dtype, have, want) -> whether a collective moves it
         self.steps: dict[tuple, tuple] = {}  # (part, fused set) -> what its ops do (see part_steps)
         self.runs: dict[int, tuple] = {}  # schedule -> its runs of whole spans (see part_steps.runs)
         self.walks: dict[int, int] = {}  # graph id -> parts walks (see part_steps.part_hits)
-        self.footprints: dict[tuple, tuple] = {}  # (graph, input and output layouts) -> bytes
         self.pinned: dict[int, tuple] = {}  # graph id -> (aliases, buffers of arguments and results)
+
+    def value_sizes(self, g: Graph) -> list:
+        """Per value id of `g`, None or {sharding: bytes of its local shard} (see `_Walk.size`)."""
+        hit = self.sizes.get(id(g))
+        if hit is None or hit[0] is not g:
+            hit = self.sizes[id(g)] = (g, [None] * len(g.values))
+        return hit[1]
 
 
 def _order(g: Graph) -> tuple[list[Op], list[Op]]:
@@ -174,14 +182,14 @@ def _buffers(prop: Propagation, compiler: Compiler, cache: TimelineCache | None)
     if cache is None:
         fused, alias, library = fused_and_aliased(prop, compiler.library_reduce_elements)
         memo: dict[int, frozenset[int]] = {}
-        sizes: dict[tuple, int] = {}
+        sizes: list = [None] * len(g.values)
     else:
         fused, alias, library = fused_and_aliased(prop, compiler.library_reduce_elements, cache.fusion)
         hit = cache.sources.get((id(g), id(fused)))
         if hit is None or hit[0] is not fused:
             hit = cache.sources[(id(g), id(fused))] = (fused, {})
         memo = hit[1]
-        sizes = cache.sizes
+        sizes = cache.value_sizes(g)
     w = _Walk(prop, compiler, cache, fused, alias, library, memo, sizes)
     # Per op of a cached propagation: what it does to the timeline, worked out once per (Part,
     # fusion) (see `_steps`); None where the op is walked in full.
@@ -263,6 +271,21 @@ def _buffers(prop: Propagation, compiler: Compiler, cache: TimelineCache | None)
     return out, step
 
 
+def shard_bytes(sizes: list, prop: Propagation, vid: int, s: Sharding, cache: TimelineCache | None) -> int:
+    """Bytes of value `vid`'s local shard laid out as `s`, kept in `sizes` (per value id of
+    `prop`'s graph None or {sharding: bytes}; `TimelineCache.value_sizes`)."""
+    known = sizes[vid]
+    if known is None:
+        known = sizes[vid] = {}
+    b = known.get(s)
+    if b is None:
+        v = prop.graph.values[vid]
+        b = known[s] = local_bytes(v.shape, v.itemsize, s, prop.mesh)
+        if cache is not None:
+            cache.size_entries += 1
+    return b
+
+
 class _Walk:
     """The state of one walk of the schedule (see `_buffers`): what each step writes and reads."""
 
@@ -319,13 +342,10 @@ class _Walk:
         self.op_step: dict[int, int] = {}
 
     def size(self, vid: int, s: Sharding) -> int:
-        g = self.prop.graph
-        key = (id(g), vid, s)
-        b = self.sizes.get(key)
-        if b is None:
-            v = g.values[vid]
-            b = self.sizes[key] = local_bytes(v.shape, v.itemsize, s, self.prop.mesh)
-        return b
+        """Bytes of value `vid`'s local shard laid out as `s`."""
+        known = self.sizes[vid]
+        b = known.get(s) if known is not None else None
+        return b if b is not None else shard_bytes(self.sizes, self.prop, vid, s, self.cache)
 
     def body_peak(self, sub: Propagation) -> int:
         return _body_peak(sub, self.compiler, self.cache)

@@ -17,7 +17,7 @@ import dataclasses
 from collections.abc import Mapping
 
 from cost_model.compiler import XLA_CPU, XLA_GPU, Compiler, compiler_for, local_bytes
-from cost_model.liveness import Buffer, TimelineCache, peak, temp_peak, timeline
+from cost_model.liveness import Buffer, TimelineCache, peak, shard_bytes, temp_peak, timeline
 from ir.graph import Graph, Role
 from ir.propagate import Propagation
 
@@ -66,9 +66,7 @@ def memory(
       compiler: the backend's combiner and lowering choices; `compiler_for(hardware.name)`.
       cache: memo tables to reuse across calls with one compiler (see `TimelineCache`).
     """
-    args, by_kind, outs, aliased = _footprint(
-        prop, donated, compiler, cache.sizes if cache is not None else None
-    )
+    args, by_kind, outs, aliased = _footprint(prop, donated, compiler, cache)
     temp, live_at_peak = peak(timeline(prop, compiler, cache))
     for name, b in live_at_peak:
         kind = _kind_of(name)
@@ -85,47 +83,28 @@ def memory_peak(
     cache: TimelineCache | None = None,
 ) -> int:
     """`memory(...).peak` without the breakdown (what a searcher compares)."""
-    if cache is None:
-        args, _, outs, aliased = _footprint(prop, donated, compiler)
-        return args + outs - aliased + temp_peak(prop, compiler)
-    # Arguments and outputs are a function of the inputs' and outputs' shardings, which one
-    # decision changes in few plans of a walk: kept by them.
-    g = prop.graph
-    shardings = prop.shardings
-    key = (id(g), tuple([shardings[v] for v in g.inputs]), prop.outputs, donated)
-    hit = cache.footprints.get(key)
-    if hit is None or hit[0] is not g:
-        args, _, outs, aliased = _footprint(prop, donated, compiler, cache.sizes)
-        hit = cache.footprints[key] = (g, args + outs - aliased)
-    return hit[1] + temp_peak(prop, compiler, cache)
+    args, _, outs, aliased = _footprint(prop, donated, compiler, cache)
+    return args + outs - aliased + temp_peak(prop, compiler, cache)
 
 
 def _footprint(
-    prop: Propagation, donated: frozenset[int] | None, compiler: Compiler, sizes: dict | None = None
+    prop: Propagation, donated: frozenset[int] | None, compiler: Compiler, cache: TimelineCache | None = None
 ) -> tuple[int, dict[str, int], int, int]:
     """(argument bytes, arguments by kind, output bytes, output bytes aliased onto donated inputs).
 
-    `sizes`: a memo of local bytes by (graph id, value id, sharding), reused across calls."""
+    `cache`: its memo of local bytes per value and sharding is used and added to."""
     g = prop.graph
-    mesh = prop.mesh
     donated = g.donated if donated is None else donated
-    sizes = {} if sizes is None else sizes
-    gid = id(g)
+    sizes = cache.value_sizes(g) if cache is not None else [None] * len(g.values)
 
     def size(vid: int, s) -> int:
-        b = sizes.get((gid, vid, s))
-        if b is None:
-            v = g.values[vid]
-            b = sizes[(gid, vid, s)] = local_bytes(v.shape, v.itemsize, s, mesh)
-        return b
+        return shard_bytes(sizes, prop, vid, s, cache)
 
     by_kind: dict[str, int] = {}
     args = 0
     shardings = prop.shardings
-    known = sizes.get
     for vid, kind in zip(g.inputs, g.derived("memory.input_kinds", _input_kinds), strict=True):
-        s = shardings[vid]
-        b = known((gid, vid, s)) or size(vid, s)
+        b = size(vid, shardings[vid])
         args += b
         by_kind[kind] = by_kind.get(kind, 0) + b
     # A step with several results returns a tuple: a buffer of one pointer per result.
@@ -133,7 +112,7 @@ def _footprint(
     aliased = 0
     used_donors: set[int] = set()
     for k, (vid, s) in enumerate(zip(g.outputs, prop.outputs, strict=True)):
-        b = known((gid, vid, s)) or size(vid, s)
+        b = size(vid, s)
         outs += b
         src = g.output_alias[k] if k < len(g.output_alias) else -1
         if src in donated and src not in used_donors:

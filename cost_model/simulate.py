@@ -171,7 +171,7 @@ class Simulator:
             + len(self._coll)
             + len(t.body_peaks)
             + len(t.resolutions)
-            + len(t.sizes)
+            + t.size_entries
             + len(t.moves)
             + len(t.slices)
             + len(t.combined)
@@ -180,7 +180,6 @@ class Simulator:
             + len(t.sources)
             + len(t.steps)
             + len(t.runs)
-            + len(t.footprints)
         )
 
     def report(self, prop: Propagation, top_ops: int = 10) -> CostReport:
