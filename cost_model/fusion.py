@@ -144,8 +144,10 @@ def fused_and_aliased(
     key = (id(g), frozenset(alias.items()), library, frozenset(slices))
     hit = memo.fused.get(key)
     if hit is None or hit[0] is not g:
-        hit = memo.fused[key] = (g, _fused(g, alias, library, slices))
-    return hit[1], alias, library
+        hit = memo.fused[key] = (g, _fused(g, alias, library, slices), alias)
+    # The aliases as first made for this key: the same object for equal aliases (what is kept
+    # by the aliases downstream is kept by their identity). Read only.
+    return hit[1], hit[2], library
 
 
 def fused_sources(

@@ -147,11 +147,7 @@ def timeline(
 
 def temp_peak(prop: Propagation, compiler: Compiler = XLA_CPU, cache: TimelineCache | None = None) -> int:
     """`peak(timeline(prop, compiler, cache))[0]`, without naming the buffers."""
-    buffers, steps = _buffers(prop, compiler, cache)
-    delta = [0] * (steps + 2)
-    for _, _, b, start, end, _ in buffers:
-        delta[start] += b
-        delta[end + 1] -= b
+    delta, _ = _buffers(prop, compiler, cache, peak_only=True)
     return max(0, *itertools.accumulate(delta))
 
 
@@ -175,8 +171,12 @@ def _name(values, kind: int, vid: int, extra) -> str:
     return "(combined collective)"
 
 
-def _buffers(prop: Propagation, compiler: Compiler, cache: TimelineCache | None) -> tuple[list[tuple], int]:
-    """The timeline as (kind, value, bytes, start, end, extra) tuples, and the last step."""
+def _buffers(
+    prop: Propagation, compiler: Compiler, cache: TimelineCache | None, peak_only: bool = False
+) -> tuple[list, int]:
+    """The timeline as (kind, value, bytes, start, end, extra) tuples, and the last step; with
+    `peak_only`, instead of the tuples the bytes each step adds to those live (a list over
+    steps 0..last + 1, whose running sum is the bytes live at each step)."""
     g = prop.graph
     order, scans = g.derived("liveness.order", _order)
     if cache is None:
@@ -257,15 +257,33 @@ def _buffers(prop: Propagation, compiler: Compiler, cache: TimelineCache | None)
     sliced = w.sliced
     full = w.full
     size = w.size
+    delta = None
+    if peak_only:  # bytes live per step as differences: the buffers are not kept
+        delta = [0] * (step + 2)
+        for _, _, b, first, last, _ in out:
+            delta[first] += b
+            delta[last + 1] -= b
+        for b, first, last in w.copies.values():
+            delta[first] += b
+            delta[last + 1] -= b
     for vid, s in written.items():
         if vid in fused or vid in pinned or vid in alias or vid not in last_read:
             continue
         if vid not in sliced:
-            out.append((_VALUE, vid, size(vid, shardings[vid]), s, max(s, last_read[vid]), None))
+            b, e = size(vid, shardings[vid]), last_read[vid]
         elif vid in full:  # made whole for its whole reads; each slice is made where it is read
-            out.append((_VALUE, vid, size(vid, shardings[vid]), s, max(s, full[vid]), None))
+            b, e = size(vid, shardings[vid]), full[vid]
         else:
-            out.append((_VALUE, vid, sliced[vid], s, max(s, last_read[vid]), None))
+            b, e = sliced[vid], last_read[vid]
+        if e < s:
+            e = s
+        if delta is None:
+            out.append((_VALUE, vid, b, s, e, None))
+        else:
+            delta[s] += b
+            delta[e + 1] -= b
+    if delta is not None:
+        return delta, step
     for (vid, dims), (b, first, last) in w.copies.items():
         out.append((_COPY, vid, b, first, last, dims))
     return out, step

@@ -104,7 +104,11 @@ def _footprint(
     args = 0
     shardings = prop.shardings
     for vid, kind in zip(g.inputs, g.derived("memory.input_kinds", _input_kinds), strict=True):
-        b = size(vid, shardings[vid])
+        s = shardings[vid]
+        known = sizes[vid]
+        b = known.get(s) if known is not None else None
+        if b is None:
+            b = size(vid, s)
         args += b
         by_kind[kind] = by_kind.get(kind, 0) + b
     # A step with several results returns a tuple: a buffer of one pointer per result.
@@ -112,7 +116,10 @@ def _footprint(
     aliased = 0
     used_donors: set[int] = set()
     for k, (vid, s) in enumerate(zip(g.outputs, prop.outputs, strict=True)):
-        b = size(vid, s)
+        known = sizes[vid]
+        b = known.get(s) if known is not None else None
+        if b is None:
+            b = size(vid, s)
         outs += b
         src = g.output_alias[k] if k < len(g.output_alias) else -1
         if src in donated and src not in used_donors:
