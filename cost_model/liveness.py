@@ -109,7 +109,7 @@ class TimelineCache:
         self.slices: dict[tuple, tuple] = {}
         self.moves: dict[tuple, bool] = {}  # (shape, dtype, have, want) -> whether a collective moves it
         self.steps: dict[tuple, tuple] = {}  # (part, fused set) -> what its ops do (see part_steps)
-        self.runs: dict[int, tuple] = {}  # schedule -> its runs of whole spans (see part_steps.runs)
+        self.runs: dict[int, tuple] = {}  # schedule -> its runs of span ops (see part_steps.runs)
         self.walks: dict[int, int] = {}  # graph id -> parts walks (see part_steps.part_hits)
         self.pinned: dict[int, tuple] = {}  # graph id -> (aliases, buffers of arguments and results)
 

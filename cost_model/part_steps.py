@@ -1,6 +1,6 @@
 """What the memory timeline works out once per cached propagation part and reuses (see
-cost_model.liveness): what each op of a part reads, writes and copies, the part as one move of
-the walk, and the schedule cut into runs of whole parts."""
+cost_model.liveness): what each op of a part reads, writes and copies, the part as moves of the
+walk, and the schedule cut into runs of each part's ops."""
 
 from __future__ import annotations
 
