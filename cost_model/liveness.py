@@ -482,6 +482,10 @@ def _walk_parts(
                 step = w.visit(m, step)
             continue
         entries, start = hit[2], hit[0].span.start
+        if stop - first == 1:  # one op alone (a breadth-first schedule makes many)
+            m = spans[span][first]
+            step = _entry(w, entries[m - start], m, step, op_step, resolving, ops)
+            continue
         whole = first == 0 and stop == len(spans[span])
         for move in hit[4] if whole else sub_moves(w, hit, first, stop):
             if move.__class__ is int:
