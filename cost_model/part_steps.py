@@ -53,20 +53,21 @@ def part_hits(w: _Walk, parts: tuple[Part, ...]) -> list[tuple]:
             resolvable = tuple(n for n in part.rewritten if n in live)
             if eager:
                 made = part_steps(w, part)
-                moved = summary(w, part, made, resolvable, _live_ids(part, live))
+                moved = summary(w, part, made, resolvable, _live_of(w, part))
                 hit = cache.steps[key] = (part, w.fused, made, resolvable, moved, {})
             else:
                 hit = cache.steps[key] = (part, w.fused, None, resolvable, None, None)
         elif hit[2] is None:
             made = part_steps(w, part)
-            moved = summary(w, part, made, hit[3], _live_ids(part, live))
+            moved = summary(w, part, made, hit[3], _live_of(w, part))
             hit = cache.steps[key] = (part, w.fused, made, hit[3], moved, {})
         hits.append(hit)
     return hits
 
 
-def _live_ids(part: Part, live) -> tuple[int, ...]:
-    return tuple(n for n in range(part.span.start, part.span.stop) if n in live)
+def _live_of(w: _Walk, part: Part) -> tuple[int, ...]:
+    """The live op ids of a part's span (`live_spans`)."""
+    return w.prop.graph.derived("liveness.live_spans", live_spans)[0][part.span.index]
 
 
 def sub_moves(w: _Walk, hit: tuple, first: int, stop: int) -> tuple:
@@ -75,7 +76,7 @@ def sub_moves(w: _Walk, hit: tuple, first: int, stop: int) -> tuple:
     got = hit[5].get((first, stop))
     if got is None:
         part = hit[0]
-        ids = _live_ids(part, w.prop.graph.live_ops)[first:stop]
+        ids = _live_of(w, part)[first:stop]
         got = hit[5][(first, stop)] = summary(w, part, hit[2], hit[3], ids)
     return got
 

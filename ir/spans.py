@@ -40,11 +40,12 @@ class Span:
         factor), in order.
       outputs: in a loop body, the indices of the stacked outputs whose given layouts decide
         where a pending sum it reads is resolved to (`ir.sum_targets.stacked_targets`).
-      read: per-value list -> the tuple of its entries at `reads` (an `operator.itemgetter`).
       def_range: (first, stop) when `defs` are in order and every value id between first and
         stop-1 that is not one of them is a constant (no op makes it, the graph is not given
         it: its sharding never changes); a part then stores the shardings of all of first..stop-1
         with one slice assignment. None otherwise.
+      read: per-value list -> the tuple of its entries at `reads` (an `operator.itemgetter`;
+        made from `reads`).
     """
 
     index: int
@@ -56,8 +57,11 @@ class Span:
     watched: tuple[int, ...] = ()
     summable: tuple[int, ...] = ()
     outputs: tuple[int, ...] = ()
-    read: Callable[[list], tuple] = dataclasses.field(default=tuple, compare=False, repr=False)
     def_range: tuple[int, int] | None = None
+    read: Callable[[list], tuple] = dataclasses.field(init=False, compare=False, repr=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "read", _getter(self.reads))
 
 
 def _getter(ids: tuple[int, ...]) -> Callable[[list], tuple]:
@@ -163,7 +167,6 @@ def spans_of(graph: Graph) -> tuple[Span, ...]:
                 watched,
                 summable,
                 outputs,
-                _getter(reads),
                 (defs[0], defs[-1] + 1) if contiguous else None,
             )
         )
