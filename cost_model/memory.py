@@ -20,6 +20,7 @@ from cost_model.compiler import XLA_CPU, XLA_GPU, Compiler, compiler_for, local_
 from cost_model.liveness import Buffer, TimelineCache, peak, shard_bytes, temp_peak, timeline
 from ir.graph import Graph, Role
 from ir.propagate import Propagation
+from ir.spans import entries_getter
 
 _INPUT_KINDS = {Role.PARAM: "params", Role.OPT_STATE: "optimizer_state", Role.BATCH: "batch"}
 
@@ -83,8 +84,54 @@ def memory_peak(
     cache: TimelineCache | None = None,
 ) -> int:
     """`memory(...).peak` without the breakdown (what a searcher compares)."""
-    args, _, outs, aliased = _footprint(prop, donated, compiler, cache)
-    return args + outs - aliased + temp_peak(prop, compiler, cache)
+    fixed = _fixed_bytes(prop, donated, compiler, cache) if cache is not None else None
+    if fixed is None:
+        args, _, outs, aliased = _footprint(prop, donated, compiler, cache)
+        fixed = args + outs - aliased
+    return fixed + temp_peak(prop, compiler, cache)
+
+
+def _fixed_bytes(
+    prop: Propagation, donated: frozenset[int] | None, compiler: Compiler, cache: TimelineCache
+) -> int | None:
+    """Arguments + outputs - aliased, as `_footprint` counts them, looked up at C speed in the
+    cache's local sizes; None when one is not known yet (then `_footprint` works it out) or when
+    two outputs may alias one donated input (`_footprint` decides which)."""
+    g = prop.graph
+    pairs = g.derived(("memory.alias_pairs", donated), lambda g: _alias_pairs(g, donated))
+    if pairs is None:
+        return None
+    inputs, outputs, pairs = pairs
+    sizes = cache.value_sizes(g)
+    try:
+        ins = list(map(dict.get, inputs(sizes), inputs(prop.shardings)))
+        outs = list(map(dict.get, outputs(sizes), prop.outputs))
+    except TypeError:  # a value with no sizes kept yet
+        return None
+    if None in ins or None in outs:
+        return None
+    pointers = compiler.pointer_bytes * len(outs) if len(outs) > 1 else 0
+    return sum(ins) + sum(outs) + pointers - sum([outs[k] for k, j in pairs if outs[k] == ins[j]])
+
+
+def _alias_pairs(g: Graph, donated: frozenset[int] | None) -> tuple | None:
+    """(inputs' getter, outputs' getter, per output that may alias a donated input (position,
+    the input's position)), or None when two outputs name one donated input (or one that is not
+    an input)."""
+    donated = g.donated if donated is None else donated
+    if not g.inputs or not g.outputs:
+        return None
+    position = {vid: j for j, vid in enumerate(g.inputs)}
+    pairs = []
+    for k, src in enumerate(g.output_alias[: len(g.outputs)]):
+        if src in donated:
+            if src not in position:
+                return None
+            pairs.append((k, position[src]))
+    if len({j for _, j in pairs}) < len(pairs):
+        return None
+    return entries_getter(g.inputs), entries_getter(g.outputs), tuple(pairs)
+
 
 
 def _footprint(

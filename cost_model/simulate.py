@@ -157,7 +157,7 @@ class Simulator:
         self._op_seconds: dict[tuple[Graph, int, tuple], tuple[OpCost, float, int]] = {}
         self._bodies: dict[int, tuple[Propagation, _Compute]] = {}
         self._parts: dict[int, tuple[Part, tuple]] = {}
-        self._coll: dict[Collective, tuple[float, str]] = {}
+        self._coll: dict[int, tuple[Collective, float, str]] = {}
         self._roles: dict[int, dict[str, Role]] = {}
         self.timelines = TimelineCache()
 
@@ -286,10 +286,12 @@ class Simulator:
         none = self.overlap is Overlap.NONE
         coll = self._coll
         for c in prop.collectives:
-            hit = coll.get(c)
-            if hit is None:
-                hit = coll[c] = (collective_time(c, self.topo), _phase(c, roles))
-            t, where = hit
+            # Collectives are shared objects (a PropagationCache hands the same part's out
+            # again): keyed by identity, kept alive by the entry (hashing one hashes its fields).
+            hit = coll.get(id(c))
+            if hit is None or hit[0] is not c:
+                hit = coll[id(c)] = (c, collective_time(c, self.topo), _phase(c, roles))
+            _, t, where = hit
             if detail:
                 b, sec = by_key.get((c.kind, c.axes), (0, 0.0))
                 by_key[(c.kind, c.axes)] = (b + c.total_bytes, sec + t)

@@ -61,10 +61,10 @@ class Span:
     read: Callable[[list], tuple] = dataclasses.field(init=False, compare=False, repr=False)
 
     def __post_init__(self):
-        object.__setattr__(self, "read", _getter(self.reads))
+        object.__setattr__(self, "read", entries_getter(self.reads))
 
 
-def _getter(ids: tuple[int, ...]) -> Callable[[list], tuple]:
+def entries_getter(ids: tuple[int, ...]) -> Callable[[list], tuple]:
     """A function from a list to the tuple of its entries at `ids`, at C speed."""
     if not ids:
         return lambda _: ()
