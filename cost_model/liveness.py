@@ -111,7 +111,8 @@ class TimelineCache:
         self.steps: dict[tuple, tuple] = {}  # (part, fused set) -> what its ops do (see part_steps)
         self.runs: dict[int, tuple] = {}  # schedule -> its runs of span ops (see part_steps.runs)
         self.walks: dict[int, int] = {}  # graph id -> parts walks (see part_steps.part_hits)
-        self.pinned: dict[int, tuple] = {}  # graph id -> (aliases, buffers of arguments and results)
+        # graph id -> (aliases, buffers of arguments and results, {buffer of a result: None})
+        self.pinned: dict[int, tuple] = {}
 
     def value_sizes(self, g: Graph) -> list:
         """Per value id of `g`, None or {sharding: bytes of its local shard} (see `_Walk.size`)."""
@@ -246,8 +247,7 @@ def _buffers(
             step = _collective(groups[-1 - n], step, w) if n < 0 else w.visit(n, step)
     else:
         step = _walk_parts(w, prop, steps, nodes, groups, resolving, cache)
-    for vid in g.outputs:
-        last_read[alias.get(vid, vid)] = step
+    last_read.update(dict.fromkeys(w.returned, step))  # results are read when the step returns
     if compiler.copies_donated_inputs:
         out += [
             (_DONATED, src, b, first, last, None)
@@ -257,7 +257,6 @@ def _buffers(
     sliced = w.sliced
     full = w.full
     size = w.size
-    delta = None
     if peak_only:  # bytes live per step as differences: the buffers are not kept
         delta = [0] * (step + 2)
         for _, _, b, first, last, _ in out:
@@ -266,6 +265,27 @@ def _buffers(
         for b, first, last in w.copies.values():
             delta[first] += b
             delta[last + 1] -= b
+        sizes = w.sizes
+        for vid, s in written.items():  # as below, with the sizes looked up inline
+            if vid in fused or vid in pinned or vid in alias:
+                continue
+            e = last_read.get(vid)
+            if e is None:
+                continue
+            if vid not in sliced:
+                known = sizes[vid]
+                b = known.get(shardings[vid]) if known is not None else None
+                if b is None:
+                    b = size(vid, shardings[vid])
+            elif vid in full:
+                b, e = size(vid, shardings[vid]), full[vid]
+            else:
+                b = sliced[vid]
+            if e < s:
+                e = s
+            delta[s] += b
+            delta[e + 1] -= b
+        return delta, step
     for vid, s in written.items():
         if vid in fused or vid in pinned or vid in alias or vid not in last_read:
             continue
@@ -277,13 +297,7 @@ def _buffers(
             b, e = sliced[vid], last_read[vid]
         if e < s:
             e = s
-        if delta is None:
-            out.append((_VALUE, vid, b, s, e, None))
-        else:
-            delta[s] += b
-            delta[e + 1] -= b
-    if delta is not None:
-        return delta, step
+        out.append((_VALUE, vid, b, s, e, None))
     for (vid, dims), (b, first, last) in w.copies.items():
         out.append((_COPY, vid, b, first, last, dims))
     return out, step
@@ -325,6 +339,7 @@ class _Walk:
         "prop",
         "resolutions",
         "resolving",
+        "returned",
         "sizes",
         "sliced",
         "written",
@@ -343,10 +358,15 @@ class _Walk:
         # The buffers of arguments and results: a function of the aliases (kept with them).
         hit = cache.pinned.get(id(g)) if cache is not None else None
         if hit is None or hit[0] is not alias:
-            hit = (alias, {alias.get(v, v) for v in (*g.inputs, *g.outputs)})
+            hit = (
+                alias,
+                {alias.get(v, v) for v in (*g.inputs, *g.outputs)},
+                dict.fromkeys(alias.get(v, v) for v in g.outputs),
+            )
             if cache is not None:
                 cache.pinned[id(g)] = hit
         self.pinned = hit[1]
+        self.returned = hit[2]
         self.resolutions: dict[int, Resolution] = {}
         self.resolving: set[int] = set()  # ops that write a value `resolutions` resolves
         self.sliced: dict[int, int] = {}  # broadcast value -> the most bytes a reader reads it in
@@ -472,7 +492,7 @@ def _walk_parts(
     spans, _ = prop.graph.derived("liveness.live_spans", live_spans)
     ops = prop.graph.ops
     step = 0
-    for span, first, stop in runs(prop.graph, nodes, cache):
+    for span, first, stop, one in runs(prop.graph, nodes, cache):
         if span < 0:
             step = _collective(groups[-1 - first], step, w)
             continue
@@ -482,12 +502,10 @@ def _walk_parts(
                 step = w.visit(m, step)
             continue
         entries, start = hit[2], hit[0].span.start
-        if stop - first == 1:  # one op alone (a breadth-first schedule makes many)
-            m = spans[span][first]
-            step = _entry(w, entries[m - start], m, step, op_step, resolving, ops)
+        if one >= 0:  # one op alone (a breadth-first schedule makes many)
+            step = _entry(w, entries[one - start], one, step, op_step, resolving, ops)
             continue
-        whole = first == 0 and stop == len(spans[span])
-        for move in hit[4] if whole else sub_moves(w, hit, first, stop):
+        for move in hit[4] if one == -1 else sub_moves(w, hit, first, stop):
             if move.__class__ is int:
                 step = _entry(w, entries[move - start], move, step, op_step, resolving, ops)
                 continue

@@ -115,10 +115,11 @@ def summary(w: _Walk, part: Part, entries: tuple, resolvable: tuple[int, ...], i
     return tuple(out)
 
 
-def runs(g: Graph, nodes: list[int], cache: TimelineCache) -> list[tuple[int, int, int]]:
-    """The schedule as (span index, first, stop) for each run of a span's live ops first..stop-1
-    (indices into `live_spans`) that run one after another, and (-1, node, 0) for each
-    collective; kept with the schedule."""
+def runs(g: Graph, nodes: list[int], cache: TimelineCache) -> list[tuple[int, int, int, int]]:
+    """The schedule as (span index, first, stop, op) for each run of a span's live ops
+    first..stop-1 (indices into `live_spans`) that run one after another, op the id of the one
+    op of a run of one and -1 for a run of all the span's live ops (else -2), and
+    (-1, node, 0, 0) for each collective; kept with the schedule."""
     hit = cache.runs.get(id(nodes))
     if hit is not None and hit[0] is nodes:
         return hit[1]
@@ -129,7 +130,7 @@ def runs(g: Graph, nodes: list[int], cache: TimelineCache) -> list[tuple[int, in
     while pos < len(nodes):
         n = nodes[pos]
         if n < 0:
-            out.append((-1, n, 0))
+            out.append((-1, n, 0, 0))
             pos += 1
             continue
         i = span_of[n]
@@ -138,7 +139,8 @@ def runs(g: Graph, nodes: list[int], cache: TimelineCache) -> list[tuple[int, in
         while pos < len(nodes) and stop < len(ids) and nodes[pos] == ids[stop]:
             pos += 1
             stop += 1
-        out.append((i, first, stop))
+        op = ids[first] if stop - first == 1 else -1 if first == 0 and stop == len(ids) else -2
+        out.append((i, first, stop, op))
     cache.runs[id(nodes)] = (nodes, out)
     return out
 
