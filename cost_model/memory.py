@@ -133,7 +133,6 @@ def _alias_pairs(g: Graph, donated: frozenset[int] | None) -> tuple | None:
     return entries_getter(g.inputs), entries_getter(g.outputs), tuple(pairs)
 
 
-
 def _footprint(
     prop: Propagation, donated: frozenset[int] | None, compiler: Compiler, cache: TimelineCache | None = None
 ) -> tuple[int, dict[str, int], int, int]:
