@@ -212,7 +212,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     from auto_partition import commands
 
     try:
-        return commands.run(args)
+        code = commands.run(args)
+        sys.stdout.flush()  # a closed pipe shows here, not as a traceback at exit
+        return code
+    except BrokenPipeError:
+        # The reader of the output stopped reading (`auto-partition search ... | head`): what
+        # the command writes to files is written; exit as a Unix tool killed by SIGPIPE does,
+        # and never flush into the closed pipe again.
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):  # not a file descriptor (output captured in-process)
+            pass
+        return 141  # 128 + SIGPIPE
     except commands.USER_ERRORS as e:
         print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, whatever the cause
         return 2

@@ -46,15 +46,21 @@ class _Display:
             f"[{time.perf_counter() - self.started:6.1f}s] {p.searcher:9s} {p.evaluations:6d} plans "
             f"({rate:6.1f}/s)  best {_ms(overall)}  | {per}"
         )
-        if self.tty:
-            sys.stderr.write("\r" + line[:160].ljust(160))
-            sys.stderr.flush()
-        elif p.new_best:
-            print(line, file=sys.stderr, flush=True)
+        try:
+            if self.tty:
+                sys.stderr.write("\r" + line[:160].ljust(160))
+                sys.stderr.flush()
+            elif p.new_best:
+                print(line, file=sys.stderr, flush=True)
+        except BrokenPipeError:  # whoever read the progress stopped reading: the search goes on
+            self.quiet = True
 
     def done(self) -> None:
         if self.tty and not self.quiet:
-            sys.stderr.write("\n")
+            try:
+                sys.stderr.write("\n")
+            except BrokenPipeError:
+                self.quiet = True
 
 
 def _ms(seconds: float) -> str:

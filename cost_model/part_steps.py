@@ -4,6 +4,8 @@ walk, and the schedule cut into runs of each part's ops."""
 
 from __future__ import annotations
 
+import itertools
+import operator
 from typing import TYPE_CHECKING
 
 from cost_model.fusion import fused_sources, generated
@@ -15,6 +17,8 @@ from ir.spans import Part, spans_of
 
 if TYPE_CHECKING:
     from cost_model.liveness import TimelineCache, _Walk
+
+_FIRST, _THIRD = operator.itemgetter(0), operator.itemgetter(2)
 
 
 def moves(prop: Propagation, vid: int, want: Sharding, cache: TimelineCache | None) -> bool:
@@ -45,9 +49,17 @@ def part_hits(w: _Walk, parts: tuple[Part, ...]) -> list[tuple]:
     # By graph id, how many walks: only decides how much work is done ahead, never a result.
     eager = cache.walks.get(id(g), 0) > 0
     cache.walks[id(g)] = cache.walks.get(id(g), 0) + 1
+    fid = id(w.fused)
+    hits = list(map(cache.steps.get, zip(map(id, parts), itertools.repeat(fid))))  # at C speed
+    if (
+        None not in hits
+        and all(map(operator.is_, map(_FIRST, hits), parts))
+        and None not in map(_THIRD, hits)
+    ):
+        return hits  # every part known under this fusion (an entry keeps its part and fusion)
     hits = []
     for part in parts:
-        key = (id(part), id(w.fused))
+        key = (id(part), fid)
         hit = cache.steps.get(key)
         if hit is None or hit[0] is not part or hit[1] is not w.fused:
             resolvable = tuple(n for n in part.rewritten if n in live)
@@ -183,7 +195,9 @@ def part_steps(w: _Walk, part: Part) -> tuple:
     span = part.span
 
     def kept(vs):
-        return tuple(v for v in vs if keep_fused or not (v in fused or v in pinned or v in alias))
+        if keep_fused:
+            return tuple(vs)
+        return tuple([v for v in vs if not (v in fused or v in pinned or v in alias)])
 
     entries = []
     for op, decided in zip(ops[span.start : span.stop], part.ops, strict=True):
@@ -212,13 +226,13 @@ def part_steps(w: _Walk, part: Part) -> tuple:
                 if want is not None and root in made_at_size:
                     made.append((root, -1))
         else:
-            roots = tuple(r for r in reads if r in producer and r not in fused and r not in pinned)
+            roots = tuple([r for r in reads if r in producer and r not in fused and r not in pinned])
             body = None
             if op.id in bodies:
                 inner = max(w.body_peak(sub) for sub in bodies[op.id])
                 stacked = op.outputs[op.params["num_carry"] :] if op.primitive == "scan" else ()
                 early = stacked if w.compiler.breadth_first else ()
-                outs = kept(v for v in op.outputs if v not in early)
+                outs = kept([v for v in op.outputs if v not in early])
                 body = (inner, op.primitive, kept(early))
             else:
                 outs = kept(op.outputs)

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
+import operator
 from collections.abc import Mapping
 
 from cost_model.collectives import collective_time
@@ -26,6 +28,8 @@ from ir.comm import Collective, CollectiveKind
 from ir.graph import Graph, Op, Role
 from ir.propagate import Propagation, propagate_plan
 from ir.spans import SPAN_OPS, Part
+
+_FIRST, _SECOND = operator.itemgetter(0), operator.itemgetter(1)
 
 
 class Overlap(enum.Enum):
@@ -155,9 +159,11 @@ class Simulator:
         self.overlap = overlap
         self.compiler = compiler_for(hardware.name)
         self._op_seconds: dict[tuple[Graph, int, tuple], tuple[OpCost, float, int]] = {}
+        self._op_decided: dict[int, tuple] = {}  # id(OpSharding) -> (it, graph, kind, _op's)
         self._bodies: dict[int, tuple[Propagation, _Compute]] = {}
         self._parts: dict[int, tuple[Part, tuple]] = {}
-        self._coll: dict[int, tuple[Collective, float, str]] = {}
+        self._coll: dict[int, tuple[Collective, float, str]] = {}  # by identity
+        self._coll_alike: dict[Collective, tuple[float, str]] = {}
         self._roles: dict[int, dict[str, Role]] = {}
         self.timelines = TimelineCache()
 
@@ -166,9 +172,11 @@ class Simulator:
         t = self.timelines
         return (
             len(self._op_seconds)
+            + len(self._op_decided)
             + len(self._bodies)
             + len(self._parts)
             + len(self._coll)
+            + len(self._coll_alike)
             + len(t.body_peaks)
             + len(t.resolutions)
             + t.size_entries
@@ -225,18 +233,20 @@ class Simulator:
         acc = [0.0, 0.0, 0.0, 0.0]  # forward, backward, other seconds; FLOPs
         if prop.parts and rows is None:
             parts = self._parts
-            for part in prop.parts:
-                hit = parts.get(id(part))
-                if hit is None or hit[0] is not part:
-                    hit = parts[id(part)] = (
-                        part,
-                        self._span(prop, part.span.start, part.span.stop, 1, None, part),
-                    )
-                c = hit[1]
-                acc[0] += c[0]
-                acc[1] += c[1]
-                acc[2] += c[2]
-                acc[3] += c[3]
+            hits = list(map(parts.get, map(id, prop.parts)))  # at C speed: nearly all are known
+            if None in hits or not all(map(operator.is_, map(_FIRST, hits), prop.parts)):
+                for k, part in enumerate(prop.parts):
+                    hit = hits[k]
+                    if hit is None or hit[0] is not part:
+                        hits[k] = parts[id(part)] = (
+                            part,
+                            self._span(prop, part.span.start, part.span.stop, 1, None, part),
+                        )
+            # Summed in program order, one after another, as the loop below sums spans.
+            acc = [
+                functools.reduce(operator.add, column, 0.0)
+                for column in zip(*map(_SECOND, hits), strict=True)
+            ]
         else:
             for a in range(0, len(prop.graph.ops), SPAN_OPS):
                 c = self._span(prop, a, a + SPAN_OPS, mult, rows, None)
@@ -254,7 +264,10 @@ class Simulator:
         flops = 0.0
         live = g.live_ops
         bodies = prop.bodies if part is None else dict(part.bodies)
-        decided = prop.ops if part is None else None
+        decided = prop.ops if part is None else part.ops
+        at = 0 if part is None else start
+        kinds = g.derived("simulate.cost_kinds", _cost_kinds)[1]
+        by_decision = self._op_decided
         for op in g.ops[start:stop]:
             if op.id not in live:
                 continue
@@ -267,8 +280,13 @@ class Simulator:
                     acc[2] += c.other * n
                     flops += c.flops * n
                 continue
-            factors = decided[op.id].factors if part is None else part.ops[op.id - start].factors
-            cost, t, phase = self._op(g, op, factors)
+            # Decisions are shared objects, one per (graph, op kind, operands) a PropagationCache
+            # decided: their costs are found by identity first (hashing factors costs more).
+            d = decided[op.id - at]
+            hit = by_decision.get(id(d))
+            if hit is None or hit[0] is not d or hit[1] is not g or hit[2] != kinds[op.id]:
+                hit = by_decision[id(d)] = (d, g, kinds[op.id], self._op(g, op, d.factors))
+            cost, t, phase = hit[3]
             acc[phase] += t
             flops += cost.flops
             if rows is not None:
@@ -290,7 +308,10 @@ class Simulator:
             # again): keyed by identity, kept alive by the entry (hashing one hashes its fields).
             hit = coll.get(id(c))
             if hit is None or hit[0] is not c:
-                hit = coll[id(c)] = (c, collective_time(c, self.topo), _phase(c, roles))
+                alike = self._coll_alike.get(c)
+                if alike is None:
+                    alike = self._coll_alike[c] = (collective_time(c, self.topo), _phase(c, roles))
+                hit = coll[id(c)] = (c, *alike)
             _, t, where = hit
             if detail:
                 b, sec = by_key.get((c.kind, c.axes), (0, 0.0))

@@ -193,3 +193,20 @@ def test_a_mesh_larger_than_one_node_spans_as_few_nodes_as_hold_it(capsys):
     )
     assert code == 0, err
     assert json.loads(out)["nodes"] == 2
+
+
+def test_a_reader_that_stops_reading_loses_no_work(tmp_path):
+    """`auto-partition search ... | head`: the plan file is written, no error or traceback, and
+    the exit status is a Unix tool's killed by SIGPIPE (128 + 13), which a pipeline ignores."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "plan.yaml"
+    argv = [sys.executable, "-m", "auto_partition.cli", "search", "mlp", "--mesh", "data=2,model=2",
+            "--searcher", "exhaustive", "--budget", "30s", "-o", str(path)]  # fmt: skip
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before anything is written
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 141, err
+    assert "Traceback" not in err and "error" not in err.lower() and "Exception ignored" not in err
+    assert load_plan_file(path).provenance.searcher == "exhaustive"
