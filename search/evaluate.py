@@ -15,7 +15,7 @@ from ir.propagate import Propagation, propagate
 from ir.spans import PropagationCache
 from search.baselines import baseline_plans
 from search.problem import Budget, CurvePoint, Progress, SearchProblem, SearchResult, Status
-from search.space import Assignment, DecisionSpace
+from search.space import Assignment, DecisionSpace, InputLayouts
 
 MISFIT = 1e6  # the cost of a plan that does not fit, before its memory overflow is added
 
@@ -57,6 +57,7 @@ class _Shared:
         self.seeds_for: tuple[int, ...] = ()  # ids of the hints `seeds` was made with
         g = problem.graph
         self.outputs_alias = tuple(g.output_alias)
+        self.output_pairs = tuple((k, a) for k, a in enumerate(self.outputs_alias) if a >= 0)
         fixed = problem.fixed
         self.constraint = None
         if fixed is not None:
@@ -147,6 +148,7 @@ class Evaluator:
     ):
         self.problem = problem
         self.space = space
+        self._layouts = InputLayouts(space)
         self.overlap = overlap
         self._shared = _shared(problem, overlap)
         self.topo = self._shared.topo
@@ -183,12 +185,14 @@ class Evaluator:
     def propagation(self, assignment: Assignment) -> Propagation:
         g = self.problem.graph
         sh = self._shared
-        inputs = self.space.shardings(assignment)
-        for pid, opts in self.space.opt_state.items():
-            if pid in inputs:
-                for o in opts:
-                    inputs[o] = inputs[pid]
-        outputs = {k: inputs[a] for k, a in enumerate(sh.outputs_alias) if a >= 0 and a in inputs}
+        inputs = self._layouts(assignment)
+        if inputs is None:  # not a valid assignment: propagated as given all the same
+            inputs = self.space.shardings(assignment)
+            for pid, opts in self.space.opt_state.items():
+                if pid in inputs:
+                    for o in opts:
+                        inputs[o] = inputs[pid]
+        outputs = {k: inputs[a] for k, a in sh.output_pairs if a in inputs}
         return propagate(
             g, self.problem.mesh, inputs, outputs=outputs, constraint=sh.constraint, cache=self.prop_cache
         )
@@ -202,7 +206,7 @@ class Evaluator:
             return hit
         t0 = time.perf_counter()
         s = self._shared.scores.get(assignment)
-        if s is None and not self.space.valid(assignment):
+        if s is None and self._layouts(assignment) is None:  # not valid (`DecisionSpace.valid`)
             # A searcher's bug, not the user's: never the best, never a crash at the end.
             s = self._shared.scores[assignment] = Score(math.inf, 0, False, math.inf)
         if s is None:

@@ -270,3 +270,80 @@ def opt_state_params(graph: Graph) -> dict[int, list[int]]:
             if param is not None:
                 out.setdefault(param.id, []).append(vid)
     return out
+
+
+class InputLayouts:
+    """A searcher's assignments one after another as the step's input shardings, each worked out
+    from the last: only the values of the decisions that changed are made again (a searcher's
+    next plan changes one or two). One per searcher (it keeps the last assignment)."""
+
+    def __init__(self, space: DecisionSpace):
+        g = space.graph
+        members: dict[int, list[tuple[int, int]]] = {}
+        for d in space.decisions:
+            for vid, dim in d.members:
+                members.setdefault(vid, []).append((d.id, dim))
+        fixed: dict[int, dict[int, tuple[str, ...]]] = {}
+        for (vid, dim), axes in space.fixed.items():
+            fixed.setdefault(vid, {})[dim] = axes
+        # value -> (rank, its fixed dims, (decision, dim) of each decision that shards it)
+        self._values = {
+            vid: (g.values[vid].rank, fixed.get(vid, {}), tuple(members.get(vid, ())))
+            for vid in (*fixed, *(v for v in members if v not in fixed))
+        }
+        self._of_decision = tuple(tuple(dict.fromkeys(vid for vid, _ in d.members)) for d in space.decisions)
+        self._followers = space.opt_state
+        self._leader = {o: pid for pid, states in space.opt_state.items() for o in states}
+        self._last: Assignment | None = None
+        self._own: dict[int, Sharding] = {}  # `DecisionSpace.shardings` of the last assignment
+        self._inputs: dict[int, Sharding] = {}  # ... with the optimizer state following
+        self._bad: set[int] = set()  # values that take a mesh axis twice
+
+    def __call__(self, assignment: Assignment) -> dict[int, Sharding] | None:
+        """`DecisionSpace.shardings(assignment)`, each parameter's optimizer state following it
+        (the plan's follow_params), or None when the assignment is not valid
+        (`DecisionSpace.valid`). The dict is kept for the next call: read it, do not change it."""
+        last = self._last
+        if last is None:
+            touched = list(self._values)
+        elif assignment == last:
+            touched = []
+        else:
+            touched = [
+                vid
+                for d, (a, b) in enumerate(zip(assignment, last, strict=True))
+                if a != b
+                for vid in self._of_decision[d]
+            ]
+        for vid in touched:
+            self._set(vid, assignment)
+        self._last = assignment
+        return None if self._bad else self._inputs
+
+    def _set(self, vid: int, assignment: Assignment) -> None:
+        rank, fixed, members = self._values[vid]
+        dims = dict(fixed)
+        for d, dim in members:
+            if assignment[d]:
+                dims[dim] = assignment[d]
+        used = [a for axes in dims.values() for a in axes]
+        if len(used) != len(set(used)):
+            self._bad.add(vid)
+        else:
+            self._bad.discard(vid)
+        own, inputs = self._own, self._inputs
+        if dims:
+            own[vid] = inputs[vid] = Sharding(tuple(dims.get(d, ()) for d in range(rank)))
+        else:
+            own.pop(vid, None)
+            inputs.pop(vid, None)
+        leader = self._leader.get(vid)
+        if leader is not None and leader in own:  # it follows its parameter whatever it is given
+            inputs[vid] = own[leader]
+        for o in self._followers.get(vid, ()):
+            if vid in own:
+                inputs[o] = own[vid]
+            elif o in own:
+                inputs[o] = own[o]
+            else:
+                inputs.pop(o, None)

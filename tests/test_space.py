@@ -63,3 +63,38 @@ def test_fixed_tactics_leave_the_decision_space(gpt):
     # Every plan of the space keeps the batch on 'data'.
     plan = space.plan(space.empty)
     assert plan.input_shardings(gpt)[gpt.value("batch/tokens").id].dims[0] == ("data",)
+
+
+@pytest.mark.parametrize("tactics", [[], [{"batch": "data"}]])
+def test_input_layouts_made_from_the_last_are_those_made_afresh(gpt, tactics):
+    """`InputLayouts`, which remakes only the values of the decisions that changed, gives what
+    `shardings` (optimizer state following its parameter) and `valid` give, over a walk of one-
+    and several-decision changes through valid and invalid assignments."""
+    import itertools
+    import random
+
+    from search.space import InputLayouts
+
+    fixed = apply_tactics(gpt, MESH, parse_tactics(tactics)) if tactics else None
+    space = build_space(gpt, MESH, fixed=fixed)
+    every = list(itertools.product(*(d.options for d in space.decisions)))
+    layouts, rng = InputLayouts(space), random.Random(0)
+    current = rng.choice(every)
+    invalid = 0
+    for _ in range(400):
+        if rng.random() < 0.7:  # one decision changed
+            i = rng.randrange(len(space.decisions))
+            current = (*current[:i], rng.choice(space.decisions[i].options), *current[i + 1 :])
+        else:
+            current = rng.choice(every)
+        want = space.shardings(current)
+        for pid, states in space.opt_state.items():
+            for o in states if pid in want else ():
+                want[o] = want[pid]
+        got = layouts(current)
+        if not space.valid(current):
+            invalid += 1
+            assert got is None
+        else:
+            assert got == want
+    assert invalid > 0 and space.opt_state
