@@ -162,8 +162,7 @@ class Simulator:
         self._op_decided: dict[int, tuple] = {}  # id(OpSharding) -> (it, graph, kind, _op's)
         self._bodies: dict[int, tuple[Propagation, _Compute]] = {}
         self._parts: dict[int, tuple[Part, tuple]] = {}
-        self._coll: dict[int, tuple[Collective, float, str]] = {}  # by identity
-        self._coll_alike: dict[Collective, tuple[float, str]] = {}
+        self._coll: dict[Collective, tuple[float, str]] = {}
         self._roles: dict[int, dict[str, Role]] = {}
         self.timelines = TimelineCache()
 
@@ -176,7 +175,6 @@ class Simulator:
             + len(self._bodies)
             + len(self._parts)
             + len(self._coll)
-            + len(self._coll_alike)
             + len(t.body_peaks)
             + len(t.resolutions)
             + t.size_entries
@@ -304,15 +302,10 @@ class Simulator:
         none = self.overlap is Overlap.NONE
         coll = self._coll
         for c in prop.collectives:
-            # Collectives are shared objects (a PropagationCache hands the same part's out
-            # again): keyed by identity, kept alive by the entry (hashing one hashes its fields).
-            hit = coll.get(id(c))
-            if hit is None or hit[0] is not c:
-                alike = self._coll_alike.get(c)
-                if alike is None:
-                    alike = self._coll_alike[c] = (collective_time(c, self.topo), _phase(c, roles))
-                hit = coll[id(c)] = (c, *alike)
-            _, t, where = hit
+            hit = coll.get(c)
+            if hit is None:
+                hit = coll[c] = (collective_time(c, self.topo), _phase(c, roles))
+            t, where = hit
             if detail:
                 b, sec = by_key.get((c.kind, c.axes), (0, 0.0))
                 by_key[(c.kind, c.axes)] = (b + c.total_bytes, sec + t)
