@@ -257,6 +257,7 @@ def _buffers(
     sliced = w.sliced
     full = w.full
     size = w.size
+    delta = None
     if peak_only:  # bytes live per step as differences: the buffers are not kept
         delta = [0] * (step + 2)
         for _, _, b, first, last, _ in out:
@@ -265,39 +266,31 @@ def _buffers(
         for b, first, last in w.copies.values():
             delta[first] += b
             delta[last + 1] -= b
-        sizes = w.sizes
-        for vid, s in written.items():  # as below, with the sizes looked up inline
-            if vid in fused or vid in pinned or vid in alias:
-                continue
-            e = last_read.get(vid)
-            if e is None:
-                continue
-            if vid not in sliced:
-                known = sizes[vid]
-                b = known.get(shardings[vid]) if known is not None else None
-                if b is None:
-                    b = size(vid, shardings[vid])
-            elif vid in full:
-                b, e = size(vid, shardings[vid]), full[vid]
-            else:
-                b = sliced[vid]
-            if e < s:
-                e = s
-            delta[s] += b
-            delta[e + 1] -= b
-        return delta, step
+    sizes = w.sizes
     for vid, s in written.items():
-        if vid in fused or vid in pinned or vid in alias or vid not in last_read:
+        if vid in fused or vid in pinned or vid in alias:
+            continue
+        e = last_read.get(vid)
+        if e is None:
             continue
         if vid not in sliced:
-            b, e = size(vid, shardings[vid]), last_read[vid]
+            known = sizes[vid]  # `w.size` inline: a call per buffer costs more than the lookup
+            b = known.get(shardings[vid]) if known is not None else None
+            if b is None:
+                b = size(vid, shardings[vid])
         elif vid in full:  # made whole for its whole reads; each slice is made where it is read
             b, e = size(vid, shardings[vid]), full[vid]
         else:
-            b, e = sliced[vid], last_read[vid]
+            b = sliced[vid]
         if e < s:
             e = s
-        out.append((_VALUE, vid, b, s, e, None))
+        if delta is None:
+            out.append((_VALUE, vid, b, s, e, None))
+        else:
+            delta[s] += b
+            delta[e + 1] -= b
+    if delta is not None:
+        return delta, step
     for (vid, dims), (b, first, last) in w.copies.items():
         out.append((_COPY, vid, b, first, last, dims))
     return out, step

@@ -186,12 +186,6 @@ class Evaluator:
         g = self.problem.graph
         sh = self._shared
         inputs = self._layouts(assignment)
-        if inputs is None:  # not a valid assignment: propagated as given all the same
-            inputs = self.space.shardings(assignment)
-            for pid, opts in self.space.opt_state.items():
-                if pid in inputs:
-                    for o in opts:
-                        inputs[o] = inputs[pid]
         outputs = {k: inputs[a] for k, a in sh.output_pairs if a in inputs}
         return propagate(
             g, self.problem.mesh, inputs, outputs=outputs, constraint=sh.constraint, cache=self.prop_cache
@@ -206,7 +200,7 @@ class Evaluator:
             return hit
         t0 = time.perf_counter()
         s = self._shared.scores.get(assignment)
-        if s is None and self._layouts(assignment) is None:  # not valid (`DecisionSpace.valid`)
+        if s is None and not self._layouts.valid(assignment):
             # A searcher's bug, not the user's: never the best, never a crash at the end.
             s = self._shared.scores[assignment] = Score(math.inf, 0, False, math.inf)
         if s is None:

@@ -299,10 +299,10 @@ class InputLayouts:
         self._inputs: dict[int, Sharding] = {}  # ... with the optimizer state following
         self._bad: set[int] = set()  # values that take a mesh axis twice
 
-    def __call__(self, assignment: Assignment) -> dict[int, Sharding] | None:
+    def __call__(self, assignment: Assignment) -> dict[int, Sharding]:
         """`DecisionSpace.shardings(assignment)`, each parameter's optimizer state following it
-        (the plan's follow_params), or None when the assignment is not valid
-        (`DecisionSpace.valid`). The dict is kept for the next call: read it, do not change it."""
+        (the plan's follow_params). The dict is kept for the next call: read it, do not change
+        it."""
         last = self._last
         if last is None:
             touched = list(self._values)
@@ -318,7 +318,12 @@ class InputLayouts:
         for vid in touched:
             self._set(vid, assignment)
         self._last = assignment
-        return None if self._bad else self._inputs
+        return self._inputs
+
+    def valid(self, assignment: Assignment) -> bool:
+        """`DecisionSpace.valid(assignment)`, kept per value as the layouts are made."""
+        self(assignment)
+        return not self._bad
 
     def _set(self, vid: int, assignment: Assignment) -> None:
         rank, fixed, members = self._values[vid]
