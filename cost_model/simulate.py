@@ -27,7 +27,7 @@ from cost_model.meshes import MeshTopology, topology
 from ir.comm import Collective, CollectiveKind
 from ir.graph import Graph, Op, Role
 from ir.propagate import Propagation, propagate_plan
-from ir.spans import SPAN_OPS, Part
+from ir.spans import Part, span_bounds
 
 _FIRST, _SECOND = operator.itemgetter(0), operator.itemgetter(1)
 
@@ -246,8 +246,8 @@ class Simulator:
                 for column in zip(*map(_SECOND, hits), strict=True)
             ]
         else:
-            for a in range(0, len(prop.graph.ops), SPAN_OPS):
-                c = self._span(prop, a, a + SPAN_OPS, mult, rows, None)
+            for a, b in prop.graph.derived("spans.bounds", span_bounds):
+                c = self._span(prop, a, b, mult, rows, None)
                 for k in range(4):
                     acc[k] += c[k]
         out = _Compute(*acc)

@@ -1,7 +1,7 @@
 """Spans: the runs of consecutive ops propagation replays when they are entered alike.
 
 A searcher propagates thousands of plans of one graph. With a `PropagationCache`, ir.propagate
-runs the ops in spans of `SPAN_OPS`; a span entered with the shardings it was entered with before
+runs the ops in spans of up to `SPAN_OPS` (a loop or branch alone); a span entered with the shardings it was entered with before
 (of the values it reads, the sum groups of the pending sums among them, and the values whose
 layouts decide where a sum it reads is resolved) is replayed from what it did then, a `Part`:
 decisions, collectives and all.
@@ -110,14 +110,34 @@ class Part:
 
 # Ops per span: long enough that replaying a span is much cheaper than propagating it, short
 # enough that a change of one input leaves most spans of a step entered as before. 8 measured
-# best of 4, 6, 8, 12, 16 on Llama-8B one-decision changes (benchmarks/sim_speed.py).
+# best of 4, 6, 8, 10, 12, 16 on Llama-8B one-decision changes (benchmarks/sim_speed.py).
 SPAN_OPS = 8
 
 
+def span_bounds(graph: Graph) -> tuple[tuple[int, int], ...]:
+    """The spans' op ranges [start, stop): runs of up to `SPAN_OPS` consecutive ops, each loop
+    or branch alone in its own (what a loop is entered with changes more often than what the
+    ops around it read, and a loop is the costliest op to propagate again)."""
+    out = []
+    a = 0
+    for op in graph.ops:
+        n = op.id
+        if op.body:
+            if a < n:
+                out.append((a, n))
+            out.append((n, n + 1))
+            a = n + 1
+        elif n + 1 - a == SPAN_OPS:
+            out.append((a, n + 1))
+            a = n + 1
+    if a < len(graph.ops):
+        out.append((a, len(graph.ops)))
+    return tuple(out)
+
+
 def spans_of(graph: Graph) -> tuple[Span, ...]:
-    n = len(graph.ops)
     later_reads: set[int] = set(graph.outputs)
-    bounds = [(a, min(a + SPAN_OPS, n)) for a in range(0, n, SPAN_OPS)]
+    bounds = span_bounds(graph)
     meetings = graph.derived("propagate.sum_paths", sum_paths)
     producer = graph.producer
     given = set(graph.inputs)

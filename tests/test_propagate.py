@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -233,3 +234,20 @@ def test_shardings_are_interned_through_pickling_copies_and_threads():
     for t in threads:
         t.join()
     assert len({id(m) for m in made}) == 500
+
+
+def test_spans_cover_the_program_in_order_with_each_loop_alone():
+    # Replayed spans: runs of at most SPAN_OPS consecutive ops, a loop in a span of its own (what
+    # it is entered with changes more often than the reads of the ops around it).
+    from auto_partition.workloads import resolve
+    from ir.spans import SPAN_OPS, span_bounds, spans_of
+
+    g = trace(resolve("builtin:llama:tiny:scan"))
+    bounds = span_bounds(g)
+    assert bounds[0][0] == 0 and bounds[-1][1] == len(g.ops)
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(bounds))
+    assert all(0 < b - a <= SPAN_OPS for a, b in bounds)
+    loops = [op.id for op in g.ops if op.body]
+    assert len(loops) == 2  # the forward and the backward scan
+    assert all((n, n + 1) in bounds for n in loops)
+    assert [(s.start, s.stop) for s in spans_of(g)] == list(bounds)
