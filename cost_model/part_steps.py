@@ -57,10 +57,11 @@ def part_hits(w: _Walk, parts: tuple[Part, ...]) -> list[tuple]:
         and None not in map(_THIRD, hits)
     ):
         return hits  # every part known under this fusion (an entry keeps its part and fusion)
-    hits = []
-    for part in parts:
+    # Only the parts not known (or not worked out) yet are looked at one by one.
+    for k in [k for k, hit in enumerate(hits) if hit is None or hit[0] is not parts[k] or hit[2] is None]:
+        part = parts[k]
         key = (id(part), fid)
-        hit = cache.steps.get(key)
+        hit = hits[k]
         if hit is None or hit[0] is not part or hit[1] is not w.fused:
             resolvable = tuple(n for n in part.rewritten if n in live)
             if eager:
@@ -73,7 +74,7 @@ def part_hits(w: _Walk, parts: tuple[Part, ...]) -> list[tuple]:
             made = part_steps(w, part)
             moved = summary(w, part, made, hit[3], _live_of(w, part))
             hit = cache.steps[key] = (part, w.fused, made, hit[3], moved, {})
-        hits.append(hit)
+        hits[k] = hit
     return hits
 
 

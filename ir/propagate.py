@@ -205,9 +205,10 @@ class _Propagator:
         for k, vid in enumerate(g.outputs):
             want = outputs.get(k)
             if want is None:
-                s = self.cur[vid]
+                s = cur[vid]
                 want = Sharding(s.dims) if s.partial else s
-            self._read(vid, want)
+            if cur[vid] is not want:  # (interned: read as stored costs nothing)
+                self._read(vid, want)
             returned.append(want)
         live = g.derived("propagate.live", _live)
         # Values still pending a sum at the end are stored reduced (only those with sum groups
