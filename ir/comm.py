@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import weakref
 from collections.abc import Iterable
 
 
@@ -19,9 +20,13 @@ class CollectiveKind(enum.Enum):
     __hash__ = object.__hash__
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(frozen=True, slots=True, eq=False, weakref_slot=True)
 class Collective:
     """One collective of the per-device program.
+
+    Collectives are interned, as `ir.sharding.Sharding`s are: equal collectives are one object,
+    so they compare and hash by identity (they key the simulator's table of collective costs,
+    looked up for every collective of every plan). The table holds them weakly.
 
     Attributes:
       kind: the collective.
@@ -39,9 +44,35 @@ class Collective:
     value: str = ""
     count: int = 1
 
+    def __new__(
+        cls, kind: CollectiveKind, axes: tuple[str, ...], bytes: int, value: str = "", count: int = 1
+    ):
+        key = (kind, axes, bytes, value, count)
+        hit = _INTERNED.get(key)
+        if hit is None:
+            made = object.__new__(cls)
+            object.__setattr__(made, "kind", kind)
+            object.__setattr__(made, "axes", axes)
+            object.__setattr__(made, "bytes", bytes)
+            object.__setattr__(made, "value", value)
+            object.__setattr__(made, "count", count)
+            hit = _INTERNED.setdefault(key, made)
+        return hit
+
+    def __init__(
+        self, kind: CollectiveKind, axes: tuple[str, ...], bytes: int, value: str = "", count: int = 1
+    ):
+        pass  # made once, by __new__
+
+    def __reduce__(self):  # another process interns its own
+        return (Collective, (self.kind, self.axes, self.bytes, self.value, self.count))
+
     @property
     def total_bytes(self) -> int:
         return self.bytes * self.count
+
+
+_INTERNED: weakref.WeakValueDictionary[tuple, Collective] = weakref.WeakValueDictionary()
 
 
 def bytes_by_kind_axes(
