@@ -430,7 +430,7 @@ class _Propagator:
                 made = self.cache.reshards[alike] = reshard(v, have, want, self.mesh, groups)
             colls, resolved = made
             hit = self.cache.reads[key] = (
-                [dataclasses.replace(c, value=v.name) for c in colls]
+                [Collective(c.kind, c.axes, c.bytes, v.name, c.count) for c in colls]
                 if colls and colls[0].value != v.name
                 else colls,
                 resolved,
@@ -513,11 +513,19 @@ class _Propagator:
     def _repeated(self, sub: Propagation, times: int) -> tuple[Collective, ...]:
         """A loop body's collectives, each run `times` times (made once per body object with a
         cache)."""
-        hit = self.cache.repeated.get((id(sub), times)) if self.cache is not None else None
+        if self.cache is None:
+            return tuple(c.repeated(times) for c in sub.collectives)
+        hit = self.cache.repeated.get((id(sub), times))
         if hit is None or hit[0] is not sub:
-            hit = (sub, tuple(dataclasses.replace(c, count=c.count * times) for c in sub.collectives))
-            if self.cache is not None:
-                self.cache.repeated[(id(sub), times)] = hit
+            # Bodies share most of their collectives (interned): each repeated once per cache.
+            once = self.cache.repeated_once
+            out = []
+            for c in sub.collectives:
+                r = once.get((c, times))
+                if r is None:
+                    r = once[(c, times)] = c.repeated(times)
+                out.append(r)
+            hit = self.cache.repeated[(id(sub), times)] = (sub, tuple(out))
         return hit[1]
 
     def _cond(self, op: Op) -> None:

@@ -226,6 +226,7 @@ class PropagationCache:
         self.bodies: dict[tuple, Propagation] = {}
         self.parts: dict[tuple, Part] = {}
         self.repeated: dict[tuple, tuple] = {}  # (body, trip count) -> its collectives repeated
+        self.repeated_once: dict[tuple, Collective] = {}  # (collective, trip count) -> repeated
         self._keys: dict[tuple[int, Hashable], int] = {}
         self._alive: list[Graph] = []  # graphs whose ids are in keys
 
@@ -245,6 +246,7 @@ class PropagationCache:
             + len(self.bodies)
             + len(self.parts)
             + len(self.repeated)
+            + len(self.repeated_once)
         )
 
 
