@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import operator
 from collections.abc import Sequence
 
 from cost_model.compiler import (
@@ -99,7 +100,8 @@ class TimelineCache:
     def __init__(self):
         self.body_peaks: dict[int, tuple[Propagation, int]] = {}
         self.fusion = FusionCache()
-        self.sources: dict[tuple, tuple] = {}  # (graph, fused set) -> (fused set, memo)
+        # (graph, fused set) -> [fused set, memo, the aliases, the values with no buffer of their own]
+        self.sources: dict[tuple, list] = {}
         self.resolutions: dict[tuple, tuple] = {}
         self.combined: dict[tuple, list[list[int]]] = {}
         self.schedules: dict[tuple, list[int]] = {}
@@ -107,6 +109,7 @@ class TimelineCache:
         self.sizes: dict[int, tuple[Graph, list]] = {}
         self.size_entries = 0  # how many (value, sharding) entries `sizes` holds
         self.slices: dict[tuple, tuple] = {}
+        self.loop_slices: dict[tuple, tuple] = {}  # (graph, its loops' bodies) -> (bodies, slices)
         self.moves: dict[tuple, bool] = {}  # (shape, dtype, have, want) -> whether a collective moves it
         self.steps: dict[tuple, tuple] = {}  # (part, fused set) -> what its ops do (see part_steps)
         self.runs: dict[int, tuple] = {}  # schedule -> its runs of span ops (see part_steps.runs)
@@ -188,10 +191,18 @@ def _buffers(
         fused, alias, library = fused_and_aliased(prop, compiler.library_reduce_elements, cache.fusion)
         hit = cache.sources.get((id(g), id(fused)))
         if hit is None or hit[0] is not fused:
-            hit = cache.sources[(id(g), id(fused))] = (fused, {})
+            hit = cache.sources[(id(g), id(fused))] = [fused, {}, None, None]
         memo = hit[1]
         sizes = cache.value_sizes(g)
     w = _Walk(prop, compiler, cache, fused, alias, library, memo, sizes)
+    # The values written in no buffer of their own (fused, an argument's or a result's, or
+    # sharing another's): one set, kept with the fused set and the aliases it was made for.
+    if cache is not None and hit[2] is alias:
+        unbuffered = hit[3]
+    else:
+        unbuffered = fused | w.pinned | alias.keys()
+        if cache is not None:
+            hit[2], hit[3] = alias, unbuffered
     # Per op of a cached propagation: what it does to the timeline, worked out once per (Part,
     # fusion) (see `_steps`); None where the op is walked in full.
     steps = part_hits(w, prop.parts) if cache is not None and prop.parts else None
@@ -253,7 +264,6 @@ def _buffers(
             (_DONATED, src, b, first, last, None)
             for src, b, first, last in donated_copies(prop, order, groups, alias, w.op_step, w.size)
         ]
-    pinned = w.pinned
     sliced = w.sliced
     full = w.full
     size = w.size
@@ -268,7 +278,7 @@ def _buffers(
             delta[last + 1] -= b
     sizes = w.sizes
     for vid, s in written.items():
-        if vid in fused or vid in pinned or vid in alias:
+        if vid in unbuffered:
             continue
         e = last_read.get(vid)
         if e is None:
@@ -583,7 +593,22 @@ def _body_peak(sub: Propagation, compiler: Compiler, cache: TimelineCache | None
 
 def _loop_slices(prop: Propagation, scans: list[Op], cache: TimelineCache | None = None) -> dict[int, int]:
     """Broadcasts and iotas a loop takes as constants and whose body reads them only sliced
-    locally: value -> bytes of the largest slice read (XLA makes the smaller broadcast)."""
+    locally: value -> bytes of the largest slice read (XLA makes the smaller broadcast). A new
+    dict (the walk adds to it)."""
+    if not scans:
+        return {}
+    if cache is None:
+        return _merged_slices(prop, scans, None)
+    # Kept per combination of the loops' bodies, and copied for the walk.
+    firsts = tuple([subs[0] if subs else None for subs in map(prop.bodies.get, [op.id for op in scans])])
+    key = (id(prop.graph), *map(id, firsts))
+    hit = cache.loop_slices.get(key)
+    if hit is None or not all(map(operator.is_, hit[0], firsts)):
+        hit = cache.loop_slices[key] = (firsts, _merged_slices(prop, scans, cache))
+    return dict(hit[1])
+
+
+def _merged_slices(prop: Propagation, scans: list[Op], cache: TimelineCache | None) -> dict[int, int]:
     out: dict[int, int] = {}
     for op in scans:
         subs = prop.bodies.get(op.id)

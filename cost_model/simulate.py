@@ -180,6 +180,7 @@ class Simulator:
             + t.size_entries
             + len(t.moves)
             + len(t.slices)
+            + len(t.loop_slices)
             + len(t.combined)
             + len(t.schedules)
             + len(t.fusion)
