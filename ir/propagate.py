@@ -196,8 +196,23 @@ class _Propagator:
             if s:
                 cur[vid] = s
         if self.spans:
+            # Each span replayed from the Part recorded when it was entered alike (see Part):
+            # the shardings it reads, the sum groups of the pending sums among them, the layouts
+            # that decide where a sum it reads is resolved.
+            parts = self.cache.parts
+            gkey, sum_groups, stacked, apply = self.gkey, self.sum_groups, self.stacked, self._apply
             for span in self.spans:
-                self._span(span)
+                key = (gkey, span.index, span.read(cur))
+                if span.summable:
+                    key += (tuple([sum_groups.get(v) for v in span.summable if cur[v].partial]),)
+                if span.watched:
+                    key += (tuple([cur[v] for v in span.watched]),)
+                if span.outputs:
+                    key += (tuple([stacked.get(o) for o in span.outputs]),)
+                part = parts.get(key)
+                if part is None:
+                    part = parts[key] = self._record(span)
+                apply(part)
         else:
             for op in g.ops:
                 self._one(op)
@@ -240,22 +255,6 @@ class _Propagator:
 
     # -- spans: runs of ops replayed when entered alike ---------------------------------------------
 
-    def _span(self, span: Span) -> None:
-        cur = self.cur
-        ins = span.read(cur)
-        pending = (
-            tuple([self.sum_groups.get(v) for v in span.summable if cur[v].partial]) if span.summable else ()
-        )
-        key = (self.gkey, span.index, ins, pending)
-        if span.watched:
-            key += (tuple([cur[v] for v in span.watched]),)
-        if span.outputs:
-            key += (tuple([self.stacked.get(o) for o in span.outputs]),)
-        part = self.cache.parts.get(key)
-        if part is None:
-            part = self.cache.parts[key] = self._record(span)
-        self._apply(part)
-
     def _record(self, span: Span) -> Part:
         """Propagates the span's ops, collecting what they do as a Part (applied by `_apply`)."""
         colls, self.colls = self.colls, []
@@ -292,23 +291,27 @@ class _Propagator:
             cur[span.def_range[0] : span.def_range[1]] = part.defs
         else:
             any(map(cur.__setitem__, span.defs, part.defs))  # cur[v] = s for each, at C speed
-        for v, groups in part.sum_groups:
-            self.sum_groups[v] = groups
+        if part.sum_groups:
+            self.sum_groups.update(part.sum_groups)
         colls = part.collectives
         memo = self.memo
-        pos = 0
-        for at, n, vid, want, resolved in part.outside:
-            self.colls.extend(colls[pos:at])
-            pos = at + n
-            if (vid, want) not in memo:
-                memo.add((vid, want))
-                self.colls.extend(colls[at:pos])
-            if resolved is not None:
-                cur[vid] = resolved
-        self.colls.extend(colls[pos:])
-        memo.update(part.inside_reads)
-        for i, subs in part.bodies:
-            self.bodies[i] = subs
+        if part.outside:
+            pos = 0
+            for at, n, vid, want, resolved in part.outside:
+                self.colls.extend(colls[pos:at])
+                pos = at + n
+                if (vid, want) not in memo:
+                    memo.add((vid, want))
+                    self.colls.extend(colls[at:pos])
+                if resolved is not None:
+                    cur[vid] = resolved
+            self.colls.extend(colls[pos:])
+        elif colls:
+            self.colls.extend(colls)
+        if part.inside_reads:
+            memo.update(part.inside_reads)
+        if part.bodies:
+            self.bodies.update(part.bodies)
         self.parts.append(part)
 
     # -- one op ----------------------------------------------------------------------------------
