@@ -105,6 +105,7 @@ class TimelineCache:
         self.resolutions: dict[tuple, tuple] = {}
         self.combined: dict[tuple, list[list[int]]] = {}
         self.schedules: dict[tuple, list[int]] = {}
+        self.scheduled: dict[tuple, tuple] = {}  # (graph, resolutions) -> (them, groups, ...)
         # graph id -> (graph, per value id None or {sharding: bytes of its local shard})
         self.sizes: dict[int, tuple[Graph, list]] = {}
         self.size_entries = 0  # how many (value, sharding) entries `sizes` holds
@@ -236,23 +237,21 @@ def _buffers(
             found = hit[1]
         for r in found:
             resolutions[r.value] = r
-    cands = [r for r in resolutions.values() if r.key is not None]
-    if cache is None or not cands:
-        combined = combine(g, order, cands, compiler)
+    if cache is None:
+        groups, resolving, nodes = _scheduled(g, order, resolutions, compiler, None)
     else:
-        key = (id(g), tuple((c.value, c.key, c.bytes) for c in cands))
-        combined = cache.combined.get(key)
-        if combined is None:
-            combined = cache.combined[key] = combine(g, order, cands, compiler)
-    groups = [[cands[m] for m in members] for members in combined]
-    groups += [[r] for r in resolutions.values() if r.key is None]
-
+        # What follows from the resolutions (shared objects, one tuple per op decision): kept
+        # per sequence of them.
+        rs = tuple(resolutions.values())
+        key = (id(g), *map(id, rs))
+        hit = cache.scheduled.get(key)
+        if hit is None or not all(map(operator.is_, hit[0], rs)):
+            hit = cache.scheduled[key] = (rs, *_scheduled(g, order, resolutions, compiler, cache))
+        _, groups, resolving, nodes = hit
+    w.resolving = resolving
     w.sliced = _loop_slices(prop, scans, cache)
-    producer = g.producer
-    w.resolving = resolving = {producer[v] for v in resolutions}
     written, last_read, out = w.written, w.last_read, w.out
     step = 0
-    nodes = schedule(g, order, groups, compiler.breadth_first, cache.schedules if cache is not None else None)
     if steps is None:
         for n in nodes:
             step = _collective(groups[-1 - n], step, w) if n < 0 else w.visit(n, step)
@@ -304,6 +303,30 @@ def _buffers(
     for (vid, dims), (b, first, last) in w.copies.items():
         out.append((_COPY, vid, b, first, last, dims))
     return out, step
+
+
+def _scheduled(
+    g: Graph,
+    order: list[Op],
+    resolutions: dict[int, Resolution],
+    compiler: Compiler,
+    cache: TimelineCache | None,
+) -> tuple[list[list[Resolution]], frozenset[int], list[int]]:
+    """(the collectives as groups, combined as the compiler combines them; the ops that write a
+    value a resolution resolves; the schedule (`compiler.schedule`))."""
+    cands = [r for r in resolutions.values() if r.key is not None]
+    if cache is None or not cands:
+        combined = combine(g, order, cands, compiler)
+    else:
+        key = (id(g), tuple((c.value, c.key, c.bytes) for c in cands))
+        combined = cache.combined.get(key)
+        if combined is None:
+            combined = cache.combined[key] = combine(g, order, cands, compiler)
+    groups = [[cands[m] for m in members] for members in combined]
+    groups += [[r] for r in resolutions.values() if r.key is None]
+    resolving = frozenset(g.producer[v] for v in resolutions)
+    nodes = schedule(g, order, groups, compiler.breadth_first, cache.schedules if cache is not None else None)
+    return groups, resolving, nodes
 
 
 def shard_bytes(sizes: list, prop: Propagation, vid: int, s: Sharding, cache: TimelineCache | None) -> int:
@@ -371,7 +394,7 @@ class _Walk:
         self.pinned = hit[1]
         self.returned = hit[2]
         self.resolutions: dict[int, Resolution] = {}
-        self.resolving: set[int] = set()  # ops that write a value `resolutions` resolves
+        self.resolving: frozenset[int] = frozenset()  # ops that write a value `resolutions` resolves
         self.sliced: dict[int, int] = {}  # broadcast value -> the most bytes a reader reads it in
         self.full: dict[int, int] = {}  # broadcast value -> the last step that reads it whole
         self.generated = g.derived("fusion.generated", generated)
@@ -483,7 +506,7 @@ def _walk_parts(
     hits: list[tuple],
     nodes: list[int],
     groups: list[list[Resolution]],
-    resolving: set[int],
+    resolving: frozenset[int],
     cache: TimelineCache,
 ) -> int:
     """Walks the schedule of a propagation made of cached parts; returns the last step. Within
@@ -528,7 +551,7 @@ def _walk_parts(
 
 
 def _entry(
-    w: _Walk, e: tuple | None, n: int, step: int, op_step: dict | None, resolving: set[int], ops
+    w: _Walk, e: tuple | None, n: int, step: int, op_step: dict | None, resolving: frozenset[int], ops
 ) -> int:
     """Walks op `n` by its entry `e` (`part_steps.part_steps`), or in full where that is None;
     returns its step."""

@@ -183,6 +183,7 @@ class Simulator:
             + len(t.loop_slices)
             + len(t.combined)
             + len(t.schedules)
+            + len(t.scheduled)
             + len(t.fusion)
             + len(t.sources)
             + len(t.steps)
