@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import threading
 import weakref
 from collections.abc import Iterable
 
@@ -56,7 +57,8 @@ class Collective:
             object.__setattr__(made, "bytes", bytes)
             object.__setattr__(made, "value", value)
             object.__setattr__(made, "count", count)
-            hit = _INTERNED.setdefault(key, made)
+            with _INTERNING:  # a weak table's setdefault is not one step: two threads, one object
+                hit = _INTERNED.setdefault(key, made)
         return hit
 
     def __init__(
@@ -77,6 +79,7 @@ class Collective:
 
 
 _INTERNED: weakref.WeakValueDictionary[tuple, Collective] = weakref.WeakValueDictionary()
+_INTERNING = threading.Lock()
 
 
 def bytes_by_kind_axes(

@@ -251,3 +251,41 @@ def test_spans_cover_the_program_in_order_with_each_loop_alone():
     assert len(loops) == 2  # the forward and the backward scan
     assert all((n, n + 1) in bounds for n in loops)
     assert [(s.start, s.stop) for s in spans_of(g)] == list(bounds)
+
+
+def test_collectives_are_interned_and_held_weakly():
+    # Collectives key the simulator's cost table by identity: equal ones must be one object,
+    # however made (pickled by a Ray worker, copied, replaced, made by another thread), and the
+    # table of them must not keep alive those no one else holds.
+    import copy
+    import gc
+    import pickle
+    import threading
+
+    from ir.comm import _INTERNED, Collective
+
+    c = Collective(K.ALL_REDUCE, ("data",), 1024, "w")
+    for t in (pickle.loads(pickle.dumps(c)), copy.deepcopy(c), dataclasses.replace(c)):
+        assert t is c and t == c and {c: 1}[t] == 1
+    assert (
+        c.repeated(3) is Collective(K.ALL_REDUCE, ("data",), 1024, "w", 3) is dataclasses.replace(c, count=3)
+    )
+    assert c != Collective(K.ALL_REDUCE, ("data",), 1024, "v") and c.repeated(3).total_bytes == 3072
+
+    made: list = []
+
+    def make():
+        made.extend(Collective(K.ALL_GATHER, ("model",), n, "threads") for n in range(500))
+
+    threads = [threading.Thread(target=make) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len({id(m) for m in made}) == 500
+
+    key = (K.ALL_GATHER, ("model",), 7, "threads", 1)
+    assert key in _INTERNED
+    made.clear()
+    gc.collect()
+    assert key not in _INTERNED
