@@ -73,7 +73,10 @@ def make_contiguous(rule: OpRule, factors: list[tuple[str, ...]], mesh: MeshShap
 
 def tensor_dims(dims_map, factors) -> tuple[tuple[str, ...], ...]:
     """The mesh axes of each dim of a tensor whose dims hold `dims_map`'s factors."""
-    return tuple(tuple(a for f in fs for a in factors[f]) for fs in dims_map)
+    # A dim of one factor (nearly all) takes that factor's axes tuple as it is.
+    return tuple(
+        [factors[fs[0]] if len(fs) == 1 else tuple([a for f in fs for a in factors[f]]) for fs in dims_map]
+    )
 
 
 def result_shardings(
