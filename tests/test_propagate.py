@@ -210,12 +210,26 @@ def test_reshard_table(have, want, expect):
     assert [(c.kind, c.axes, c.bytes) for c in colls] == expect
 
 
+def _made_in_threads(make, n: int = 500, threads: int = 4) -> list:
+    """`make(i)` for i in range(n), in each of `threads` threads at once: every object made."""
+    import threading
+
+    made: list = []
+    workers = [
+        threading.Thread(target=lambda: made.extend(make(i) for i in range(n))) for _ in range(threads)
+    ]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    return made
+
+
 def test_shardings_are_interned_through_pickling_copies_and_threads():
     # Shardings are one object per value and compare by identity: a pickled one (Ray workers,
     # Optuna journals), a copy, a replace, or one made by another thread must be that object.
     import copy
     import pickle
-    import threading
 
     s = S("data", None, partial=("model",))
     for t in (pickle.loads(pickle.dumps(s)), copy.deepcopy(s), dataclasses.replace(s)):
@@ -223,16 +237,7 @@ def test_shardings_are_interned_through_pickling_copies_and_threads():
     assert dataclasses.replace(s, partial=frozenset()) is S("data", None)
     assert S("data", None) != S(None, "data") and S("data", None) != s
 
-    made: list = []
-
-    def make():
-        made.extend(Sharding(((f"t{i}",), ())) for i in range(500))
-
-    threads = [threading.Thread(target=make) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    made = _made_in_threads(lambda i: Sharding(((f"t{i}",), ())))
     assert len({id(m) for m in made}) == 500
 
 
@@ -260,7 +265,6 @@ def test_collectives_are_interned_and_held_weakly():
     import copy
     import gc
     import pickle
-    import threading
 
     from ir.comm import _INTERNED, Collective
 
@@ -272,16 +276,7 @@ def test_collectives_are_interned_and_held_weakly():
     )
     assert c != Collective(K.ALL_REDUCE, ("data",), 1024, "v") and c.repeated(3).total_bytes == 3072
 
-    made: list = []
-
-    def make():
-        made.extend(Collective(K.ALL_GATHER, ("model",), n, "threads") for n in range(500))
-
-    threads = [threading.Thread(target=make) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    made = _made_in_threads(lambda i: Collective(K.ALL_GATHER, ("model",), i, "threads"))
     assert len({id(m) for m in made}) == 500
 
     key = (K.ALL_GATHER, ("model",), 7, "threads", 1)
