@@ -112,7 +112,8 @@ class TimelineCache:
         self.slices: dict[tuple, tuple] = {}
         self.loop_slices: dict[tuple, tuple] = {}  # (graph, its loops' bodies) -> (bodies, slices)
         self.moves: dict[tuple, bool] = {}  # (shape, dtype, have, want) -> whether a collective moves it
-        self.steps: dict[tuple, tuple] = {}  # (part, fused set) -> what its ops do (see part_steps)
+        self.steps: dict[int, tuple] = {}  # part -> what its ops do (see part_steps.part_hits)
+        self.steps_by_fusion: dict[tuple, tuple] = {}  # (part, fused set) -> ... under another fusion
         self.runs: dict[int, tuple] = {}  # schedule -> its runs of span ops (see part_steps.runs)
         self.walks: dict[int, int] = {}  # graph id -> parts walks (see part_steps.part_hits)
         # graph id -> (aliases, buffers of arguments and results, {buffer of a result: None})
@@ -276,7 +277,30 @@ def _buffers(
             delta[first] += b
             delta[last + 1] -= b
     sizes = w.sizes
-    for vid, s in written.items():
+    if delta is not None:
+        # A walk writes ~100 values: their buffers are gathered at C speed (the sums do not
+        # depend on the order); broadcasts made at the size read, below, one by one.
+        keys = written.keys() - unbuffered
+        odd = keys & sliced.keys() if sliced else ()
+        if odd:
+            keys -= odd
+        if not keys <= last_read.keys():  # values no one reads have no buffer
+            keys &= last_read.keys()
+        starts = list(map(written.__getitem__, keys))
+        ends = list(map(max, map(last_read.__getitem__, keys), starts))
+        try:
+            found = list(map(dict.get, map(sizes.__getitem__, keys), map(shardings.__getitem__, keys)))
+        except TypeError:  # a value never sized
+            found = [None]
+        if None in found:
+            found = [size(vid, shardings[vid]) for vid in keys]
+        for s, e, b in zip(starts, ends, found, strict=True):
+            delta[s] += b
+            delta[e + 1] -= b
+        items = [(vid, written[vid]) for vid in odd if vid in last_read]
+    else:
+        items = written.items()
+    for vid, s in items:
         if vid in unbuffered:
             continue
         e = last_read.get(vid)

@@ -18,7 +18,7 @@ from ir.spans import Part, spans_of
 if TYPE_CHECKING:
     from cost_model.liveness import TimelineCache, _Walk
 
-_FIRST, _THIRD = operator.itemgetter(0), operator.itemgetter(2)
+_FIRST, _SECOND, _THIRD = operator.itemgetter(0), operator.itemgetter(1), operator.itemgetter(2)
 
 
 def moves(prop: Propagation, vid: int, want: Sharding, cache: TimelineCache | None) -> bool:
@@ -49,31 +49,48 @@ def part_hits(w: _Walk, parts: tuple[Part, ...]) -> list[tuple]:
     # By graph id, how many walks: only decides how much work is done ahead, never a result.
     eager = cache.walks.get(id(g), 0) > 0
     cache.walks[id(g)] = cache.walks.get(id(g), 0) + 1
-    fid = id(w.fused)
-    hits = list(map(cache.steps.get, zip(map(id, parts), itertools.repeat(fid))))  # at C speed
+    fused = w.fused
+    # By part: its entry under the fusion it was first walked in (nearly every part is only ever
+    # walked in one); under any other, by (part, fusion) in `steps_by_fusion`.
+    hits = list(map(cache.steps.get, map(id, parts)))  # at C speed
     if (
         None not in hits
         and all(map(operator.is_, map(_FIRST, hits), parts))
+        and all(map(operator.is_, map(_SECOND, hits), itertools.repeat(fused)))
         and None not in map(_THIRD, hits)
     ):
         return hits  # every part known under this fusion (an entry keeps its part and fusion)
     # Only the parts not known (or not worked out) yet are looked at one by one.
-    for k in [k for k, hit in enumerate(hits) if hit is None or hit[0] is not parts[k] or hit[2] is None]:
-        part = parts[k]
-        key = (id(part), fid)
+    others = cache.steps_by_fusion
+    for k, part in enumerate(parts):
         hit = hits[k]
-        if hit is None or hit[0] is not part or hit[1] is not w.fused:
+        if hit is not None and hit[0] is part and hit[1] is fused and hit[2] is not None:
+            continue
+        # The part's own entry, unless it holds the part under another fusion.
+        own = hit is None or hit[0] is not part or hit[1] is fused
+        if not own:
+            hit = others.get((id(part), id(fused)))
+        if hit is None or hit[0] is not part or hit[1] is not fused:
             resolvable = tuple(n for n in part.rewritten if n in live)
             if eager:
                 made = part_steps(w, part)
-                moved = summary(w, part, made, resolvable, _live_of(w, part))
-                hit = cache.steps[key] = (part, w.fused, made, resolvable, moved, {})
+                hit = (
+                    part,
+                    fused,
+                    made,
+                    resolvable,
+                    summary(w, part, made, resolvable, _live_of(w, part)),
+                    {},
+                )
             else:
-                hit = cache.steps[key] = (part, w.fused, None, resolvable, None, None)
+                hit = (part, fused, None, resolvable, None, None)
         elif hit[2] is None:
             made = part_steps(w, part)
-            moved = summary(w, part, made, hit[3], _live_of(w, part))
-            hit = cache.steps[key] = (part, w.fused, made, hit[3], moved, {})
+            hit = (part, fused, made, hit[3], summary(w, part, made, hit[3], _live_of(w, part)), {})
+        if own:
+            cache.steps[id(part)] = hit
+        else:
+            others[(id(part), id(fused))] = hit
         hits[k] = hit
     return hits
 

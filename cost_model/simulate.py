@@ -187,6 +187,7 @@ class Simulator:
             + len(t.fusion)
             + len(t.sources)
             + len(t.steps)
+            + len(t.steps_by_fusion)
             + len(t.runs)
         )
 

@@ -117,22 +117,43 @@ SPAN_OPS = 8
 def span_bounds(graph: Graph) -> tuple[tuple[int, int], ...]:
     """The spans' op ranges [start, stop): runs of up to `SPAN_OPS` consecutive ops, each loop
     or branch alone in its own (what a loop is entered with changes more often than what the
-    ops around it read, and a loop is the costliest op to propagate again)."""
+    ops around it read, and a loop is the costliest op to propagate again). A run of ops that
+    read only what constants make (position tables, masks: laid out alike in every plan) is
+    one span however long: it is entered alike every time, so a longer span costs nothing."""
+    fixed = set(graph.derived("spans.fixed", _fixed_values))
     out = []
     a = 0
+    plain = False  # whether ops a.. include one that reads what may vary
     for op in graph.ops:
         n = op.id
         if op.body:
             if a < n:
                 out.append((a, n))
             out.append((n, n + 1))
-            a = n + 1
-        elif n + 1 - a == SPAN_OPS:
+            a, plain = n + 1, False
+            continue
+        varies = not all(v in fixed for v in op.inputs)
+        if varies and not plain and n - a >= SPAN_OPS:  # a run of such ops ends its span
+            out.append((a, n))
+            a = n
+        plain = plain or varies
+        if plain and n + 1 - a >= SPAN_OPS:
             out.append((a, n + 1))
-            a = n + 1
+            a, plain = n + 1, False
     if a < len(graph.ops):
         out.append((a, len(graph.ops)))
     return tuple(out)
+
+
+def _fixed_values(graph: Graph) -> frozenset[int]:
+    """Values laid out alike in every plan: constants (no op makes them and the graph is not
+    given them) and what ops without a body make from them alone."""
+    given = set(graph.inputs)
+    fixed = {v.id for v in graph.values if v.id not in graph.producer and v.id not in given}
+    for op in graph.ops:
+        if not op.body and all(v in fixed for v in op.inputs):
+            fixed.update(op.outputs)
+    return frozenset(fixed)
 
 
 def spans_of(graph: Graph) -> tuple[Span, ...]:
