@@ -201,6 +201,8 @@ class _Propagator:
             # that decide where a sum it reads is resolved.
             parts = self.cache.parts
             gkey, sum_groups, stacked, apply = self.gkey, self.sum_groups, self.stacked, self._apply
+            # (`_record` puts back the lists it swaps out: these stay the propagation's own.)
+            decided, colls, applied = self.ops, self.colls, self.parts
             for span in self.spans:
                 key = (gkey, span.index, span.read(cur))
                 if span.summable:
@@ -212,7 +214,17 @@ class _Propagator:
                 part = parts.get(key)
                 if part is None:
                     part = parts[key] = self._record(span)
-                apply(part)
+                if part.plain:  # `_apply`, inline for the parts that only lay out values
+                    decided[span.start : span.stop] = part.ops
+                    if span.def_range is not None:
+                        cur[span.def_range[0] : span.def_range[1]] = part.defs
+                    else:
+                        any(map(cur.__setitem__, span.defs, part.defs))
+                    if part.collectives:
+                        colls.extend(part.collectives)
+                    applied.append(part)
+                else:
+                    apply(part)
         else:
             for op in g.ops:
                 self._one(op)

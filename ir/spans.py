@@ -95,6 +95,8 @@ class Part:
       bodies: op id -> body propagations of the span's loops and branches.
       rewritten: ids of the span's ops whose results are not stored as the op writes them (a
         pending sum, or a constraint that lays them out otherwise).
+      plain: whether it leaves no pending sum, reads nothing made before it in another layout,
+        records no read of its own values and runs no body (made from the others).
     """
 
     span: Span
@@ -106,6 +108,12 @@ class Part:
     inside_reads: tuple[tuple[int, Sharding], ...]
     bodies: tuple[tuple[int, tuple[Propagation, ...]], ...]
     rewritten: tuple[int, ...] = ()
+    plain: bool = dataclasses.field(init=False, compare=False, repr=False)
+
+    def __post_init__(self):
+        # Most parts only lay out their values and add their collectives (see `ir.propagate.run`).
+        plain = not (self.sum_groups or self.outside or self.inside_reads or self.bodies)
+        object.__setattr__(self, "plain", plain)
 
 
 # Ops per span: long enough that replaying a span is much cheaper than propagating it, short
