@@ -277,30 +277,7 @@ def _buffers(
             delta[first] += b
             delta[last + 1] -= b
     sizes = w.sizes
-    if delta is not None:
-        # A walk writes ~100 values: their buffers are gathered at C speed (the sums do not
-        # depend on the order); broadcasts made at the size read, below, one by one.
-        keys = written.keys() - unbuffered
-        odd = keys & sliced.keys() if sliced else ()
-        if odd:
-            keys -= odd
-        if not keys <= last_read.keys():  # values no one reads have no buffer
-            keys &= last_read.keys()
-        starts = list(map(written.__getitem__, keys))
-        ends = list(map(max, map(last_read.__getitem__, keys), starts))
-        try:
-            found = list(map(dict.get, map(sizes.__getitem__, keys), map(shardings.__getitem__, keys)))
-        except TypeError:  # a value never sized
-            found = [None]
-        if None in found:
-            found = [size(vid, shardings[vid]) for vid in keys]
-        for s, e, b in zip(starts, ends, found, strict=True):
-            delta[s] += b
-            delta[e + 1] -= b
-        items = [(vid, written[vid]) for vid in odd if vid in last_read]
-    else:
-        items = written.items()
-    for vid, s in items:
+    for vid, s in written.items():
         if vid in unbuffered:
             continue
         e = last_read.get(vid)

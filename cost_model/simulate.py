@@ -29,7 +29,7 @@ from ir.graph import Graph, Op, Role
 from ir.propagate import Propagation, propagate_plan
 from ir.spans import Part, span_bounds
 
-_FIRST, _SECOND, _THIRD = operator.itemgetter(0), operator.itemgetter(1), operator.itemgetter(2)
+_FIRST, _SECOND = operator.itemgetter(0), operator.itemgetter(1)
 
 
 class Overlap(enum.Enum):
@@ -162,7 +162,7 @@ class Simulator:
         self._op_decided: dict[int, tuple] = {}  # id(OpSharding) -> (it, graph, kind, _op's)
         self._bodies: dict[int, tuple[Propagation, _Compute]] = {}
         self._parts: dict[int, tuple[Part, tuple]] = {}
-        self._coll: dict[Collective, tuple[float, str, tuple[float, float, float]]] = {}
+        self._coll: dict[Collective, tuple[float, str]] = {}
         self._roles: dict[int, dict[str, Role]] = {}
         self.timelines = TimelineCache()
 
@@ -300,41 +300,24 @@ class Simulator:
         roles = self._roles.get(id(prop.graph))
         if roles is None:
             roles = self._roles[id(prop.graph)] = _value_roles(prop)
-        coll = self._coll
-        # Per collective: (seconds, where it runs, and the seconds as (exposed, hideable behind
-        # the backward pass, behind the forward pass)).
-        hits = list(map(coll.get, prop.collectives))  # at C speed: nearly all are known
-        if None in hits:
-            for k, c in enumerate(prop.collectives):
-                if hits[k] is None:
-                    t, where = collective_time(c, self.topo), _phase(c, roles)
-                    hits[k] = coll[c] = (
-                        t,
-                        where,
-                        (
-                            t if where == "exposed" else 0.0,
-                            t if where == "backward" else 0.0,
-                            t if where not in ("exposed", "backward") else 0.0,
-                        ),
-                    )
         by_key: dict[tuple[CollectiveKind, tuple[str, ...]], tuple[int, float]] = {}
-        if self.overlap is Overlap.NONE:
-            exposed = functools.reduce(operator.add, map(_FIRST, hits), 0.0)
-            hideable_bwd = hideable_fwd = 0.0
-        else:
-            # Summed in order, as one loop over them would (adding 0.0 leaves a sum as it is).
-            exposed, hideable_bwd, hideable_fwd = (
-                (
-                    functools.reduce(operator.add, column, 0.0)
-                    for column in zip(*map(_THIRD, hits), strict=True)
-                )
-                if hits
-                else (0.0, 0.0, 0.0)
-            )
-        if detail:
-            for c, (t, _, _) in zip(prop.collectives, hits, strict=True):
+        hideable_fwd = hideable_bwd = exposed = 0.0
+        none = self.overlap is Overlap.NONE
+        coll = self._coll
+        for c in prop.collectives:
+            hit = coll.get(c)
+            if hit is None:
+                hit = coll[c] = (collective_time(c, self.topo), _phase(c, roles))
+            t, where = hit
+            if detail:
                 b, sec = by_key.get((c.kind, c.axes), (0, 0.0))
                 by_key[(c.kind, c.axes)] = (b + c.total_bytes, sec + t)
+            if none or where == "exposed":
+                exposed += t
+            elif where == "backward":
+                hideable_bwd += t
+            else:
+                hideable_fwd += t
         exposed += max(0.0, hideable_bwd - compute.backward) + max(0.0, hideable_fwd - compute.forward)
         return exposed, sum(sec for _, sec in by_key.values()), by_key
 
