@@ -1,7 +1,8 @@
 """Spans: the runs of consecutive ops propagation replays when they are entered alike.
 
 A searcher propagates thousands of plans of one graph. With a `PropagationCache`, ir.propagate
-runs the ops in spans of up to `SPAN_OPS` (a loop or branch alone); a span entered with the shardings it was entered with before
+runs the ops in spans of up to `SPAN_OPS` (a loop or branch alone, a run of ops reading only what
+constants make as one however long); a span entered with the shardings it was entered with before
 (of the values it reads, the sum groups of the pending sums among them, and the values whose
 layouts decide where a sum it reads is resolved) is replayed from what it did then, a `Part`:
 decisions, collectives and all.
@@ -128,26 +129,26 @@ def span_bounds(graph: Graph) -> tuple[tuple[int, int], ...]:
     ops around it read, and a loop is the costliest op to propagate again). A run of ops that
     read only what constants make (position tables, masks: laid out alike in every plan) is
     one span however long: it is entered alike every time, so a longer span costs nothing."""
-    fixed = set(graph.derived("spans.fixed", _fixed_values))
+    fixed = graph.derived("spans.fixed", _fixed_values)
     out = []
     a = 0
-    plain = False  # whether ops a.. include one that reads what may vary
+    mixed = False  # whether ops a.. include one that reads what may vary
     for op in graph.ops:
         n = op.id
         if op.body:
             if a < n:
                 out.append((a, n))
             out.append((n, n + 1))
-            a, plain = n + 1, False
+            a, mixed = n + 1, False
             continue
         varies = not all(v in fixed for v in op.inputs)
-        if varies and not plain and n - a >= SPAN_OPS:  # a run of such ops ends its span
+        if varies and not mixed and n - a >= SPAN_OPS:  # a run of such ops ends its span
             out.append((a, n))
             a = n
-        plain = plain or varies
-        if plain and n + 1 - a >= SPAN_OPS:
+        mixed = mixed or varies
+        if mixed and n + 1 - a >= SPAN_OPS:
             out.append((a, n + 1))
-            a, plain = n + 1, False
+            a, mixed = n + 1, False
     if a < len(graph.ops):
         out.append((a, len(graph.ops)))
     return tuple(out)
