@@ -214,17 +214,16 @@ class _Propagator:
                 part = parts.get(key)
                 if part is None:
                     part = parts[key] = self._record(span)
-                if part.plain:  # `_apply`, inline for the parts that only lay out values
-                    decided[span.start : span.stop] = part.ops
-                    if span.def_range is not None:
-                        cur[span.def_range[0] : span.def_range[1]] = part.defs
-                    else:
-                        any(map(cur.__setitem__, span.defs, part.defs))
-                    if part.collectives:
-                        colls.extend(part.collectives)
-                    applied.append(part)
+                decided[span.start : span.stop] = part.ops
+                if span.def_range is not None:
+                    cur[span.def_range[0] : span.def_range[1]] = part.defs
                 else:
+                    any(map(cur.__setitem__, span.defs, part.defs))  # cur[v] = s for each, at C speed
+                if not part.plain:
                     apply(part)
+                elif part.collectives:
+                    colls.extend(part.collectives)
+                applied.append(part)
         else:
             for op in g.ops:
                 self._one(op)
@@ -268,7 +267,7 @@ class _Propagator:
     # -- spans: runs of ops replayed when entered alike ---------------------------------------------
 
     def _record(self, span: Span) -> Part:
-        """Propagates the span's ops, collecting what they do as a Part (applied by `_apply`)."""
+        """Propagates the span's ops, collecting what they do as a Part (applied by `run`)."""
         colls, self.colls = self.colls, []
         self.outside, self.before = [], set(span.reads)
         inside: list[tuple[int, Sharding]] = []
@@ -296,13 +295,9 @@ class _Propagator:
             self.outside, self.before = None, frozenset()
 
     def _apply(self, part: Part) -> None:
-        span = part.span
-        self.ops[span.start : span.stop] = part.ops
-        cur = self.cur
-        if span.def_range is not None:
-            cur[span.def_range[0] : span.def_range[1]] = part.defs
-        else:
-            any(map(cur.__setitem__, span.defs, part.defs))  # cur[v] = s for each, at C speed
+        """What a part that is not `Part.plain` adds once its values are laid out (see `run`): its
+        pending sums, its collectives (a read of an earlier value that another span made already
+        costs nothing), its reads of its own values, its bodies."""
         if part.sum_groups:
             self.sum_groups.update(part.sum_groups)
         colls = part.collectives
@@ -316,7 +311,7 @@ class _Propagator:
                     memo.add((vid, want))
                     self.colls.extend(colls[at:pos])
                 if resolved is not None:
-                    cur[vid] = resolved
+                    self.cur[vid] = resolved
             self.colls.extend(colls[pos:])
         elif colls:
             self.colls.extend(colls)
@@ -324,7 +319,6 @@ class _Propagator:
             memo.update(part.inside_reads)
         if part.bodies:
             self.bodies.update(part.bodies)
-        self.parts.append(part)
 
     # -- one op ----------------------------------------------------------------------------------
 
