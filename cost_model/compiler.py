@@ -13,7 +13,7 @@ import heapq
 import math
 from collections.abc import Callable, Sequence
 
-from ir.comm import CollectiveKind
+from ir.comm import Collective, CollectiveKind
 from ir.graph import Graph, Op
 from ir.propagate import Propagation
 from ir.reshard import reshard
@@ -126,13 +126,18 @@ def _sum_groups(prop: Propagation, op: Op) -> tuple[tuple[str, ...], ...]:
     return tuple(f[x] for x in reversed(op.rule.factors_of(FactorKind.REDUCTION)) if f[x])
 
 
-def resolutions_of(prop: Propagation, op: Op, compiler: Compiler) -> tuple[Resolution, ...]:
-    """The resolutions of an op's results that are not stored as written."""
-    found = (_resolution(prop, op, k, compiler) for k in range(len(op.outputs)))
+def resolutions_of(
+    prop: Propagation, op: Op, compiler: Compiler, memo: dict | None = None
+) -> tuple[Resolution, ...]:
+    """The resolutions of an op's results that are not stored as written.
+
+    `memo`: the collectives of each resolution by what decides them (shape, dtype, layouts, sum
+    groups): values of one shape resolve alike (an unrolled model's layers), named per value."""
+    found = (_resolution(prop, op, k, compiler, memo) for k in range(len(op.outputs)))
     return tuple(r for r in found if r is not None)
 
 
-def _resolution(prop: Propagation, op: Op, k: int, compiler: Compiler) -> Resolution | None:
+def _resolution(prop: Propagation, op: Op, k: int, compiler: Compiler, memo: dict | None) -> Resolution | None:
     vid = op.outputs[k]
     v = prop.graph.values[vid]
     made = _produced(prop, op, k)
@@ -140,8 +145,15 @@ def _resolution(prop: Propagation, op: Op, k: int, compiler: Compiler) -> Resolu
     if made == stored:
         return None
     groups = _sum_groups(prop, op) if made.partial else None
-    colls, _ = reshard(v, made, Sharding(stored.dims), prop.mesh, groups)
-    colls = tuple(colls)
+    if memo is None:
+        colls = tuple(reshard(v, made, Sharding(stored.dims), prop.mesh, groups)[0])
+    else:
+        alike = (v.shape, v.dtype, made, stored.dims, groups, prop.mesh)
+        colls = memo.get(alike)
+        if colls is None:
+            colls = memo[alike] = tuple(reshard(v, made, Sharding(stored.dims), prop.mesh, groups)[0])
+        if colls and colls[0].value != v.name:
+            colls = tuple(Collective(c.kind, c.axes, c.bytes, v.name, c.count) for c in colls)
     key = None
     nbytes = 0
     if colls and colls[0].kind in _SUMS:

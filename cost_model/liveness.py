@@ -103,12 +103,15 @@ class TimelineCache:
         # (graph, fused set) -> [fused set, memo, the aliases, the values with no buffer of their own]
         self.sources: dict[tuple, list] = {}
         self.resolutions: dict[tuple, tuple] = {}
+        self.resolution_colls: dict[tuple, tuple] = {}  # see compiler.resolutions_of
         self.combined: dict[tuple, list[list[int]]] = {}
         self.schedules: dict[tuple, list[int]] = {}
         self.scheduled: dict[tuple, tuple] = {}  # (graph, resolutions) -> (them, groups, ...)
-        # graph id -> (graph, per value id None or {sharding: bytes of its local shard})
+        # graph id -> (graph, per value id None or {sharding: bytes of its local shard}); the
+        # tables are shared by values of one shape, item size and mesh (`shape_sizes`)
         self.sizes: dict[int, tuple[Graph, list]] = {}
-        self.size_entries = 0  # how many (value, sharding) entries `sizes` holds
+        self.shape_sizes: dict[tuple, dict] = {}
+        self.size_entries = 0  # how many (shape, sharding) entries the tables hold
         self.slices: dict[tuple, tuple] = {}
         self.loop_slices: dict[tuple, tuple] = {}  # (graph, its loops' bodies) -> (bodies, slices)
         self.moves: dict[tuple, bool] = {}  # (shape, dtype, have, want) -> whether a collective moves it
@@ -234,7 +237,10 @@ def _buffers(
             )
             hit = cache.resolutions.get(key)
             if hit is None or hit[0] is not decided:
-                hit = cache.resolutions[key] = (decided, resolutions_of(prop, op, compiler))
+                hit = cache.resolutions[key] = (
+                    decided,
+                    resolutions_of(prop, op, compiler, cache.resolution_colls),
+                )
             found = hit[1]
         for r in found:
             resolutions[r.value] = r
@@ -332,13 +338,21 @@ def _scheduled(
 
 def shard_bytes(sizes: list, prop: Propagation, vid: int, s: Sharding, cache: TimelineCache | None) -> int:
     """Bytes of value `vid`'s local shard laid out as `s`, kept in `sizes` (per value id of
-    `prop`'s graph None or {sharding: bytes}; `TimelineCache.value_sizes`)."""
+    `prop`'s graph None or {sharding: bytes}; `TimelineCache.value_sizes`). With a cache, values
+    of one shape and item size share one table: an unrolled model's layers are sized once."""
     known = sizes[vid]
+    v = prop.graph.values[vid]
     if known is None:
-        known = sizes[vid] = {}
+        if cache is None:
+            known = sizes[vid] = {}
+        else:
+            key = (v.shape, v.itemsize, prop.mesh)
+            known = cache.shape_sizes.get(key)
+            if known is None:
+                known = cache.shape_sizes[key] = {}
+            sizes[vid] = known
     b = known.get(s)
     if b is None:
-        v = prop.graph.values[vid]
         b = known[s] = local_bytes(v.shape, v.itemsize, s, prop.mesh)
         if cache is not None:
             cache.size_entries += 1

@@ -163,7 +163,7 @@ class Simulator:
         self._bodies: dict[int, tuple[Propagation, _Compute]] = {}
         self._parts: dict[int, tuple[Part, tuple]] = {}
         self._coll: dict[Collective, tuple[float, str]] = {}
-        self._roles: dict[int, dict[str, Role]] = {}
+        self._coll_time: dict[tuple, float] = {}
         self.timelines = TimelineCache()
 
     def cache_entries(self) -> int:
@@ -175,8 +175,11 @@ class Simulator:
             + len(self._bodies)
             + len(self._parts)
             + len(self._coll)
+            + len(self._coll_time)
             + len(t.body_peaks)
             + len(t.resolutions)
+            + len(t.resolution_colls)
+            + len(t.shape_sizes)
             + t.size_entries
             + len(t.moves)
             + len(t.slices)
@@ -297,9 +300,7 @@ class Simulator:
     def _comm(self, prop: Propagation, compute: _Compute, detail: bool = True):
         """(exposed seconds, total seconds, (kind, axes) -> (bytes, seconds)); without `detail`
         only the exposed seconds (the others 0.0 and {})."""
-        roles = self._roles.get(id(prop.graph))
-        if roles is None:
-            roles = self._roles[id(prop.graph)] = _value_roles(prop)
+        roles = prop.graph.derived("simulate.value_roles", _value_roles)
         by_key: dict[tuple[CollectiveKind, tuple[str, ...]], tuple[int, float]] = {}
         hideable_fwd = hideable_bwd = exposed = 0.0
         none = self.overlap is Overlap.NONE
@@ -307,7 +308,13 @@ class Simulator:
         for c in prop.collectives:
             hit = coll.get(c)
             if hit is None:
-                hit = coll[c] = (collective_time(c, self.topo), _phase(c, roles))
+                # Collectives of different values but one size cost alike (an unrolled model's
+                # layers): timed once.
+                shape = (c.kind, c.axes, c.bytes, c.count)
+                t = self._coll_time.get(shape)
+                if t is None:
+                    t = self._coll_time[shape] = collective_time(c, self.topo)
+                hit = coll[c] = (t, _phase(c, roles))
             t, where = hit
             if detail:
                 b, sec = by_key.get((c.kind, c.axes), (0, 0.0))
@@ -387,15 +394,16 @@ def _peak_flops(dev, key: str, primitive: str) -> float:
         return rate("float32")
 
 
-def _value_roles(prop: Propagation) -> dict[str, Role]:
+def _value_roles(graph: Graph) -> dict[str, Role]:
+    """Value name -> role, over the graph and its loop bodies and branches (the first of a name)."""
     roles: dict[str, Role] = {}
-    stack = [prop]
+    stack = [graph]
     while stack:
-        p = stack.pop()
-        for v in p.graph.values:
+        g = stack.pop()
+        for v in g.values:
             roles.setdefault(v.name, v.role)
-        for subs in p.bodies.values():
-            stack.extend(subs)
+        for op in g.ops:
+            stack.extend(op.body)
     return roles
 
 
