@@ -35,7 +35,7 @@ from ir.factors import assign_factors, result_shardings, tensor_dims
 from ir.graph import Graph, Op, Role, Value
 from ir.reshard import reshard
 from ir.sharding import MeshShape, Sharding
-from ir.spans import Part, PropagationCache, Span, layout, leaves_sums
+from ir.spans import Part, PropagationCache, Span, layout, leaves_sums, renamed
 from ir.sum_targets import resolution, scatters, stacked_targets, sum_kind, sum_paths
 
 Constraint = Callable[[Value], Sharding | None]
@@ -178,10 +178,13 @@ class _Propagator:
         # Fixed by the graph, kept with it: the spans, the values derived from the batch, and per
         # op its kind for decisions (ops of one `Graph.op_kinds` kind whose operands are alike
         # derived from the batch decide alike).
-        spans, self.batch, self.kinds = graph.derived(
+        spans, self.batch, self.kinds, classes = graph.derived(
             ("propagate.layout", batch_inputs), lambda g: layout(g, batch_inputs)
         )
         self.spans: tuple[Span, ...] = spans if cache is not None else ()  # replayed with a cache
+        # Spans of one class entered alike propagate alike (`ir.spans.span_classes`); a
+        # constraint looks at value names, so under one each span is its own.
+        self.classes: tuple[int, ...] | None = classes if constraint is None else None
         self.meetings = graph.derived("propagate.sum_paths", sum_paths)
         self.sum_readers = graph.derived("propagate.sum_readers", _sum_readers)
 
@@ -213,7 +216,7 @@ class _Propagator:
                     key += (tuple([stacked.get(o) for o in span.outputs]),)
                 part = parts.get(key)
                 if part is None:
-                    part = parts[key] = self._record(span)
+                    part = parts[key] = self._new_part(span, key)
                 decided[span.start : span.stop] = part.ops
                 if span.def_range is not None:
                     cur[span.def_range[0] : span.def_range[1]] = part.defs
@@ -265,6 +268,19 @@ class _Propagator:
             self._op(op)
 
     # -- spans: runs of ops replayed when entered alike ---------------------------------------------
+
+    def _new_part(self, span: Span, key: tuple) -> Part:
+        """The Part of a span entered as `key` says: another span of its class entered alike
+        renamed (`ir.spans.renamed`), else recorded."""
+        cls = self.classes[span.index] if self.classes is not None else -1
+        if cls < 0:
+            return self._record(span)
+        ckey = (self.gkey, cls, *key[2:])  # (what the span is entered with, by position)
+        seen = self.cache.classed.get(ckey)
+        if seen is not None:
+            return renamed(seen, span, self.g)
+        part = self.cache.classed[ckey] = self._record(span)
+        return part
 
     def _record(self, span: Span) -> Part:
         """Propagates the span's ops, collecting what they do as a Part (applied by `run`)."""

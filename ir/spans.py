@@ -19,7 +19,7 @@ from ir.comm import Collective
 from ir.graph import Graph, Op
 from ir.rules import FactorKind
 from ir.sharding import Sharding
-from ir.sum_targets import sum_paths
+from ir.sum_targets import sum_kind, sum_paths
 
 if TYPE_CHECKING:
     from ir.propagate import OpSharding, Propagation
@@ -255,6 +255,7 @@ class PropagationCache:
         self.reshards: dict[tuple, tuple[list[Collective], Sharding]] = {}  # by (shape, dtype, ...)
         self.bodies: dict[tuple, Propagation] = {}
         self.parts: dict[tuple, Part] = {}
+        self.classed: dict[tuple, Part] = {}  # (graph key, span class, reads) -> a Part of the class
         self.repeated: dict[tuple, tuple] = {}  # (body, trip count) -> its collectives repeated
         self.repeated_once: dict[tuple, Collective] = {}  # (collective, trip count) -> repeated
         self._keys: dict[tuple[int, Hashable], int] = {}
@@ -275,13 +276,17 @@ class PropagationCache:
             + len(self.reshards)
             + len(self.bodies)
             + len(self.parts)
+            + len(self.classed)
             + len(self.repeated)
             + len(self.repeated_once)
         )
 
 
-def layout(graph: Graph, batch: frozenset[int]) -> tuple[tuple[Span, ...], frozenset[int], tuple[int, ...]]:
-    """(spans, values derived from `batch`, per op its kind for decisions)."""
+def layout(
+    graph: Graph, batch: frozenset[int]
+) -> tuple[tuple[Span, ...], frozenset[int], tuple[int, ...], tuple[int, ...]]:
+    """(spans, values derived from `batch`, per op its kind for decisions, per span its class
+    (`span_classes`))."""
     derived = set(batch)
     for op in graph.ops:
         if any(i in derived for i in op.inputs):
@@ -292,4 +297,90 @@ def layout(graph: Graph, batch: frozenset[int]) -> tuple[tuple[Span, ...], froze
         kinds.setdefault((op_kinds[op.id], tuple(i in derived for i in op.inputs)), len(kinds))
         for op in graph.ops
     )
-    return spans_of(graph), frozenset(derived), decides
+    spans = spans_of(graph)
+    return spans, frozenset(derived), decides, span_classes(graph, spans, decides)
+
+
+def span_classes(graph: Graph, spans: tuple[Span, ...], decides: tuple[int, ...]) -> tuple[int, ...]:
+    """Per span, a class: spans of one class (the layers of an unrolled model) propagate alike,
+    value for value in the order of their `reads`, `defs` and `watched`, when they are entered
+    alike (`PropagationCache.classed`): the same ops in the same order (kinds for decisions),
+    wired alike among themselves and to what they read, the same of their values read later,
+    the same kinds of pending sums read, and the sums they read meeting their partners along
+    paths of alike ops (`ir.sum_targets`) with chains of values in the same places (or the same
+    of the `outputs` whose layouts a loop body is given). Spans with a loop or branch, or with
+    two values of one name (collectives are named per value) are not classed: -1, each its
+    own. Under a constraint (which looks at names) classes are not used (`ir.propagate`)."""
+    meetings = graph.derived("propagate.sum_paths", sum_paths)
+    values = graph.values
+    op_kinds = graph.op_kinds
+    classes: dict[tuple, int] = {}
+    out = []
+    for span in spans:
+        ops = graph.ops[span.start : span.stop]
+        names = {values[v].name for v in (*span.reads, *span.defs)}
+        if len(names) < len(span.reads) + len(span.defs) or any(op.body for op in ops):
+            out.append(-1)
+            continue
+        pos = {v: (0, k) for k, v in enumerate(span.reads)}
+        pos.update({v: (1, k) for k, v in enumerate(span.defs)})
+        pos.update({v: (2, k) for k, v in enumerate(span.watched)})
+        inputs = [tuple(pos[v] for v in op.inputs) for op in ops]
+        met = tuple(
+            (
+                pos[v],
+                tuple(
+                    (
+                        tuple((op_kinds[n], k) for n, k in m.path),
+                        m.partner,
+                        tuple(pos.get(u, (3, 0)) for u in m.chain),  # (3: made after the span)
+                        span.outputs.index(m.output) if m.output >= 0 else -1,
+                    )
+                    for m in meetings[v]
+                ),
+            )
+            for op in ops
+            for v in _consulting(graph, op)
+            if v in meetings
+        )
+        key = (
+            len(span.reads),
+            len(span.watched),
+            tuple((decides[op.id], ins, len(op.outputs)) for op, ins in zip(ops, inputs, strict=True)),
+            tuple(k for k, v in enumerate(span.defs) if v in span.exported),
+            tuple((pos[v], sum_kind(graph, v)) for v in span.summable),
+            met,
+            None
+            if span.def_range is None
+            else tuple(
+                pos[v] if v in pos and pos[v][0] == 1 else (9, values[v].rank) for v in range(*span.def_range)
+            ),
+        )
+        out.append(classes.setdefault(key, len(classes)))
+    return tuple(out)
+
+
+def renamed(part: Part, span: Span, graph: Graph) -> Part:
+    """`part`, recorded for a span of `span`'s class (`span_classes`), as propagating `span`
+    entered alike makes it: value for value by position in `reads` and `defs`, op for op by
+    position, each collective named for its value."""
+    was = part.span
+    vmap = dict(zip(was.reads, span.reads, strict=True))
+    vmap.update(zip(was.defs, span.defs, strict=True))
+    shift = span.start - was.start
+    colls = part.collectives
+    if colls:
+        values = graph.values
+        names = {values[a].name: values[b].name for a, b in vmap.items()}
+        colls = tuple([Collective(c.kind, c.axes, c.bytes, names[c.value], c.count) for c in colls])
+    return Part(
+        span,
+        part.ops,
+        part.defs,
+        tuple([(vmap[v], groups) for v, groups in part.sum_groups]),
+        colls,
+        tuple([(at, n, vmap[v], want, resolved) for at, n, v, want, resolved in part.outside]),
+        tuple([(vmap[v], s) for v, s in part.inside_reads]),
+        (),
+        tuple([n + shift for n in part.rewritten]),
+    )

@@ -267,6 +267,53 @@ def test_spans_cover_the_program_in_order_with_each_loop_alone():
     assert [(s.start, s.stop) for s in spans_of(g)] == list(bounds)
 
 
+@pytest.mark.parametrize("source", ["builtin:llama:tiny", "builtin:gpt:tiny", "builtin:moe:tiny"])
+def test_a_span_entered_as_another_of_its_class_replays_its_part_renamed_as_recorded(source):
+    # The layers of an unrolled model: a span entered as another span of its class was is not
+    # propagated again but takes that span's Part, renamed value for value. Every part must come
+    # out as recording its own span makes it (a constraint that constrains nothing turns the
+    # classes off), collectives named for their own values.
+    import random
+
+    from auto_partition.workloads import resolve
+    from ir.graph import Role
+    from ir.spans import Part, PropagationCache, layout
+    from search.space import build_space
+
+    g = trace(resolve(source))
+    space = build_space(g, MESH)
+    classes = layout(g, frozenset(i for i in g.inputs if g.values[i].role is Role.BATCH))[3]
+    classed = [c for c in classes if c >= 0]
+    assert len(set(classed)) < len(classed)  # some class holds several spans
+    valid = list(space.enumerate())
+    renamed = 0
+    for a in random.Random(0).sample(valid, min(12, len(valid))):
+        inputs = space.shardings(a)
+        for pid, opts in space.opt_state.items():
+            for o in opts if pid in inputs else ():
+                inputs[o] = inputs[pid]
+        outputs = {k: inputs[x] for k, x in enumerate(g.output_alias) if x >= 0 and x in inputs}
+        by_class, alone = PropagationCache(), PropagationCache()
+        mine = propagate(g, MESH, inputs, outputs=outputs, cache=by_class)
+        own = propagate(g, MESH, inputs, outputs=outputs, cache=alone, constraint=lambda v: None)
+        assert not alone.classed
+        recorded = {id(p) for p in by_class.classed.values()}
+        renamed += sum(id(p) not in recorded for p in mine.parts)
+        assert len(mine.parts) == len(own.parts)
+        for p, q in zip(mine.parts, own.parts, strict=True):
+            assert p.span is q.span
+            # (inside_reads is a set: what the span read of its own values, in no order)
+            assert [
+                set(p.inside_reads) if f.name == "inside_reads" else getattr(p, f.name)
+                for f in dataclasses.fields(Part)
+            ] == [
+                set(q.inside_reads) if f.name == "inside_reads" else getattr(q, f.name)
+                for f in dataclasses.fields(Part)
+            ]
+        assert (mine.shardings, mine.ops, mine.collectives) == (own.shardings, own.ops, own.collectives)
+    assert renamed  # (not every span was recorded)
+
+
 def test_collectives_are_interned_and_held_weakly():
     # Collectives key the simulator's cost table by identity: equal ones must be one object,
     # however made (pickled by a Ray worker, copied, replaced, made by another thread), and the
