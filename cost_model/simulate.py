@@ -239,13 +239,27 @@ class Simulator:
             parts = self._parts
             hits = list(map(parts.get, map(id, prop.parts)))  # at C speed: nearly all are known
             if None in hits or not all(map(operator.is_, map(_FIRST, hits), prop.parts)):
+                alike = prop.graph.derived("simulate.span_costs", _span_costs)
                 for k, part in enumerate(prop.parts):
                     hit = hits[k]
-                    if hit is None or hit[0] is not part:
-                        hits[k] = parts[id(part)] = (
-                            part,
-                            self._span(prop, part.span.start, part.span.stop, 1, None, part),
-                        )
+                    if hit is not None and hit[0] is part:
+                        continue
+                    # A part renamed from another span's costs what that one does where their
+                    # ops cost alike and are alike live (the layers of an unrolled model).
+                    src = part.origin
+                    if src is not None and alike[src.span.index] == alike[part.span.index]:
+                        hit = parts.get(id(src))
+                        if hit is None or hit[0] is not src:
+                            hit = parts[id(src)] = (
+                                src,
+                                self._span(prop, part.span.start, part.span.stop, 1, None, part),
+                            )
+                        hits[k] = parts[id(part)] = (part, hit[1])
+                        continue
+                    hits[k] = parts[id(part)] = (
+                        part,
+                        self._span(prop, part.span.start, part.span.stop, 1, None, part),
+                    )
             # Summed in program order, one after another, as the loop below sums spans.
             acc = [
                 functools.reduce(operator.add, column, 0.0)
@@ -358,6 +372,20 @@ class Simulator:
             collectives=by_key,
             ops=op_rows,
         )
+
+
+def _span_costs(g: Graph) -> tuple[int, ...]:
+    """Per span (`ir.spans`), a class: spans whose ops cost alike in order (`_cost_kinds`) and
+    are alike live cost alike under alike decisions."""
+    kinds = g.derived("simulate.cost_kinds", _cost_kinds)[1]
+    live = g.live_ops
+    classes: dict[tuple, int] = {}
+    return tuple(
+        classes.setdefault(
+            (tuple(kinds[a:b]), tuple(n in live for n in range(a, b))), len(classes)
+        )
+        for a, b in span_bounds(g)
+    )
 
 
 def _cost_kinds(g: Graph) -> tuple[frozenset[int], tuple[int, ...]]:

@@ -96,6 +96,7 @@ class Part:
       bodies: op id -> body propagations of the span's loops and branches.
       rewritten: ids of the span's ops whose results are not stored as the op writes them (a
         pending sum, or a constraint that lays them out otherwise).
+      origin: for a part renamed from another span's (`renamed`), the part recorded; else None.
       plain: whether it leaves no pending sum, reads nothing made before it in another layout,
         records no read of its own values and runs no body (made from the others).
     """
@@ -109,6 +110,7 @@ class Part:
     inside_reads: tuple[tuple[int, Sharding], ...]
     bodies: tuple[tuple[int, tuple[Propagation, ...]], ...]
     rewritten: tuple[int, ...] = ()
+    origin: Part | None = dataclasses.field(default=None, compare=False, repr=False)
     plain: bool = dataclasses.field(init=False, compare=False, repr=False)
 
     def __post_init__(self):
@@ -365,9 +367,12 @@ def renamed(part: Part, span: Span, graph: Graph) -> Part:
     entered alike makes it: value for value by position in `reads` and `defs`, op for op by
     position, each collective named for its value."""
     was = part.span
+    shift = span.start - was.start
+    rewritten = tuple([n + shift for n in part.rewritten]) if part.rewritten else ()
+    if part.plain and not part.collectives:  # (most: nothing named by value)
+        return Part(span, part.ops, part.defs, (), (), (), (), (), rewritten, part.origin or part)
     vmap = dict(zip(was.reads, span.reads, strict=True))
     vmap.update(zip(was.defs, span.defs, strict=True))
-    shift = span.start - was.start
     colls = part.collectives
     if colls:
         values = graph.values
@@ -382,5 +387,6 @@ def renamed(part: Part, span: Span, graph: Graph) -> Part:
         tuple([(at, n, vmap[v], want, resolved) for at, n, v, want, resolved in part.outside]),
         tuple([(vmap[v], s) for v, s in part.inside_reads]),
         (),
-        tuple([n + shift for n in part.rewritten]),
+        rewritten,
+        part.origin or part,
     )
