@@ -270,69 +270,86 @@ def _program_order(g: Graph, order: list[Op], groups: list[list[Resolution]]) ->
     order, each as soon as it is ready; one that is not (it reads a collective ranked after it)
     waits, and is taken, smallest rank first, as soon as what it waits for has run. The edges
     between ops are the graph's, worked out once per `order`; only the readers of a collective's
-    values change per schedule."""
+    values change per schedule. An op that reads no collective is ready when none of the ops
+    it reads waits, and then readies nothing: only a waiting op's edges are followed."""
     static = g.derived(("compiler.program_order", id(order)), lambda g: _edges(g, order))
     if static[0] is not order:  # another list under a reused id: work it out again
         static = _edges(g, order)
-    _, position, op_deps, op_users, op_pending = static
+    _, position, op_deps, op_users, _ = static
     producer = g.producer
     consumers = g.consumers
     group_of = {r.value: -1 - k for k, members in enumerate(groups) for r in members}
-    rank = {}
-    users = dict(op_users)  # lists are copied before they change
-    pending = dict(op_pending)
-    copied: set[int] = set()
-
-    def edge(d: int, n: int, add: bool) -> None:
-        if d not in copied:
-            users[d] = list(users.get(d, ()))
-            copied.add(d)
-        if add:
-            users[d].append(n)
-        else:
-            users[d].remove(n)
-
+    rank: dict[int, int] = {}
+    deps: dict[int, set[int]] = {}  # of the collectives, and of the ops that read one
+    gained: dict[int, list[int]] = {}  # node -> its users the collectives add to the graph's
+    lost: set[tuple[int, int]] = set()  # (node, user) edges of the graph's the collectives remove
     for k, members in enumerate(groups):
         ds = {producer[r.value] for r in members}
         rank[-1 - k] = 2 * max(position[d] for d in ds) + 1
-        pending[-1 - k] = len(ds)
+        deps[-1 - k] = ds
         for d in ds:
-            edge(d, -1 - k, True)
+            gained.setdefault(d, []).append(-1 - k)
     readers = {r for v in group_of for r in consumers.get(v, ()) if r in position}
     for n in readers:
         new = _waits_for(g, g.ops[n], group_of, position)
         old = op_deps[n]
-        for d in old - new:
-            edge(d, n, False)
+        lost.update((d, n) for d in old - new)
         for d in new - old:
-            edge(d, n, True)
-        pending[n] = len(new)
+            gained.setdefault(d, []).append(n)
+        deps[n] = new
     ranked = sorted(rank, key=lambda n: (rank[n], n))  # the collectives, among ops of even rank
     out: list[int] = []
-    waiting: set[int] = set()
+    waiting: set[int] = set()  # nodes reached, not run yet
+    collected: set[int] = set()  # collectives run
+    pending: dict[int, int] = {}  # per waiting node, how many of what it waits for have not run
     heap: list[tuple[int, int]] = []
+    no_users: tuple[int, ...] = ()
 
     def run(n: int) -> None:
         out.append(n)
-        for u in users.get(n, ()):
-            pending[u] -= 1
-            if not pending[u] and u in waiting:
-                heapq.heappush(heap, (rank[u] if u < 0 else 2 * position[u], u))
+        if n < 0:
+            collected.add(n)
+        if not waiting:
+            return
+        for us in (op_users.get(n, no_users), gained.get(n, no_users)):
+            for u in us:
+                if u in waiting and (n, u) not in lost:
+                    pending[u] -= 1
+                    if not pending[u]:
+                        heapq.heappush(heap, (rank[u] if u < 0 else 2 * position[u], u))
 
     def take(n: int) -> None:
-        if pending[n]:
-            waiting.add(n)
-            return
+        if waiting or n in deps:
+            # What it waits for: ops reached before it that wait, collectives not run.
+            p = sum(1 for d in deps.get(n, op_deps.get(n, no_users)) if d in waiting or (d < 0 and d not in collected))
+            if p:
+                pending[n] = p
+                waiting.add(n)
+                return
         run(n)
         while heap:
-            run(heapq.heappop(heap)[1])
+            m = heapq.heappop(heap)[1]
+            waiting.discard(m)
+            run(m)
 
     k = 0
+    next_rank = rank[ranked[0]] if ranked else -1
     for op in order:
-        while k < len(ranked) and rank[ranked[k]] < 2 * position[op.id]:
-            take(ranked[k])
-            k += 1
-        take(op.id)
+        n = op.id
+        if 0 <= next_rank < 2 * position[n]:
+            while k < len(ranked) and rank[ranked[k]] < 2 * position[n]:
+                take(ranked[k])
+                k += 1
+            next_rank = rank[ranked[k]] if k < len(ranked) else -1
+        if n in deps:
+            take(n)
+        elif not waiting or waiting.isdisjoint(op_deps[n]):
+            # `take` inline: ready, and what reads it comes after it (ops, and collectives
+            # ranked after it), so it readies nothing waiting and the heap stays empty.
+            out.append(n)
+        else:  # it waits for ops that wait
+            pending[n] = len(waiting.intersection(op_deps[n]))
+            waiting.add(n)
     for n in ranked[k:]:
         take(n)
     if len(out) != len(order) + len(groups):  # only a cycle leaves nodes waiting
