@@ -137,7 +137,9 @@ def resolutions_of(
     return tuple(r for r in found if r is not None)
 
 
-def _resolution(prop: Propagation, op: Op, k: int, compiler: Compiler, memo: dict | None) -> Resolution | None:
+def _resolution(
+    prop: Propagation, op: Op, k: int, compiler: Compiler, memo: dict | None
+) -> Resolution | None:
     vid = op.outputs[k]
     v = prop.graph.values[vid]
     made = _produced(prop, op, k)
@@ -321,7 +323,11 @@ def _program_order(g: Graph, order: list[Op], groups: list[list[Resolution]]) ->
     def take(n: int) -> None:
         if waiting or n in deps:
             # What it waits for: ops reached before it that wait, collectives not run.
-            p = sum(1 for d in deps.get(n, op_deps.get(n, no_users)) if d in waiting or (d < 0 and d not in collected))
+            p = sum(
+                1
+                for d in deps.get(n, op_deps.get(n, no_users))
+                if d in waiting or (d < 0 and d not in collected)
+            )
             if p:
                 pending[n] = p
                 waiting.add(n)

@@ -381,9 +381,7 @@ def _span_costs(g: Graph) -> tuple[int, ...]:
     live = g.live_ops
     classes: dict[tuple, int] = {}
     return tuple(
-        classes.setdefault(
-            (tuple(kinds[a:b]), tuple(n in live for n in range(a, b))), len(classes)
-        )
+        classes.setdefault((tuple(kinds[a:b]), tuple(n in live for n in range(a, b))), len(classes))
         for a, b in span_bounds(g)
     )
 
