@@ -320,18 +320,13 @@ def _program_order(g: Graph, order: list[Op], groups: list[list[Resolution]]) ->
                     if not pending[u]:
                         heapq.heappush(heap, (rank[u] if u < 0 else 2 * position[u], u))
 
-    def take(n: int) -> None:
-        if waiting or n in deps:
-            # What it waits for: ops reached before it that wait, collectives not run.
-            p = sum(
-                1
-                for d in deps.get(n, op_deps.get(n, no_users))
-                if d in waiting or (d < 0 and d not in collected)
-            )
-            if p:
-                pending[n] = p
-                waiting.add(n)
-                return
+    def take(n: int) -> None:  # a collective, or an op that reads one
+        # What it waits for: ops reached before it that wait, collectives not run.
+        p = sum(1 for d in deps[n] if d in waiting or (d < 0 and d not in collected))
+        if p:
+            pending[n] = p
+            waiting.add(n)
+            return
         run(n)
         while heap:
             m = heapq.heappop(heap)[1]

@@ -247,19 +247,15 @@ class Simulator:
                     # A part renamed from another span's costs what that one does where their
                     # ops cost alike and are alike live (the layers of an unrolled model).
                     src = part.origin
-                    if src is not None and alike[src.span.index] == alike[part.span.index]:
-                        hit = parts.get(id(src))
-                        if hit is None or hit[0] is not src:
-                            hit = parts[id(src)] = (
-                                src,
-                                self._span(prop, part.span.start, part.span.stop, 1, None, part),
-                            )
-                        hits[k] = parts[id(part)] = (part, hit[1])
-                        continue
-                    hits[k] = parts[id(part)] = (
-                        part,
-                        self._span(prop, part.span.start, part.span.stop, 1, None, part),
-                    )
+                    if src is None or alike[src.span.index] != alike[part.span.index]:
+                        src = part
+                    hit = parts.get(id(src))
+                    if hit is None or hit[0] is not src:
+                        hit = parts[id(src)] = (
+                            src,
+                            self._span(prop, part.span.start, part.span.stop, 1, None, part),
+                        )
+                    hits[k] = parts[id(part)] = (part, hit[1])
             # Summed in program order, one after another, as the loop below sums spans.
             acc = [
                 functools.reduce(operator.add, column, 0.0)

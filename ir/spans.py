@@ -355,7 +355,9 @@ def span_classes(graph: Graph, spans: tuple[Span, ...], decides: tuple[int, ...]
             None
             if span.def_range is None
             else tuple(
-                pos[v] if v in pos and pos[v][0] == 1 else (9, values[v].rank) for v in range(*span.def_range)
+                # a def by position, else a constant (laid out replicated): by rank
+                pos[v] if v in pos and pos[v][0] == 1 else (9, values[v].rank)
+                for v in range(*span.def_range)
             ),
         )
         out.append(classes.setdefault(key, len(classes)))
