@@ -93,13 +93,15 @@ def fused_and_aliased(
 
     counts = memo.elements if memo is not None else {}
 
-    def elements(vid: int) -> int:
+    values = g.values
+
+    def elements(vid: int) -> int:  # of a local shard: a function of shape, layout and mesh
         s = shardings[vid]
-        n = counts.get((id(g), vid, s))
+        shape = values[vid].shape
+        n = counts.get((shape, s, mesh))
         if n is None:
-            v = g.values[vid]
-            n = counts[(id(g), vid, s)] = math.prod(
-                n // mesh.axes_size(a) for n, a in zip(v.shape, s.dims, strict=True)
+            n = counts[(shape, s, mesh)] = math.prod(
+                n // mesh.axes_size(a) for n, a in zip(shape, s.dims, strict=True)
             )
         return n
 

@@ -43,7 +43,7 @@ from cost_model.compiler import (
     resolutions_of,
     schedule,
 )
-from cost_model.fusion import GENERATED, FusionCache, fused_and_aliased, fused_sources, generated
+from cost_model.fusion import GENERATED, FusionCache, fused_and_aliased, generated
 from cost_model.part_steps import live_spans, moves, part_hits, runs, sub_moves
 from ir.comm import CollectiveKind
 from ir.graph import Graph, Op
@@ -128,6 +128,11 @@ class TimelineCache:
         if hit is None or hit[0] is not g:
             hit = self.sizes[id(g)] = (g, [None] * len(g.values))
         return hit[1]
+
+
+def _single_results(g: Graph) -> tuple[tuple[int, tuple[int, ...]], ...]:
+    """(result, operands) of each op with one result, last op first (a fused value's)."""
+    return tuple((op.outputs[0], op.inputs) for op in reversed(g.ops) if len(op.outputs) == 1)
 
 
 def _order(g: Graph) -> tuple[list[Op], list[Op]]:
@@ -260,10 +265,10 @@ def _buffers(
     written, last_read, out = w.written, w.last_read, w.out
     step = 0
     if steps is None:
-        for n in nodes:
-            step = _collective(groups[-1 - n], step, w) if n < 0 else w.visit(n, step)
+        step = w.walk(nodes, step, groups)
     else:
         step = _walk_parts(w, prop, steps, nodes, groups, resolving, cache)
+    w.settle_fused()
     last_read.update(dict.fromkeys(w.returned, step))  # results are read when the step returns
     if compiler.copies_donated_inputs:
         out += [
@@ -369,6 +374,7 @@ class _Walk:
         "copies",
         "full",
         "fused",
+        "fused_read",
         "generated",
         "last_read",
         "library",
@@ -415,6 +421,7 @@ class _Walk:
         self.generated = g.derived("fusion.generated", generated)
         self.written: dict[int, int] = {}  # value id -> step its stored buffer is written
         self.last_read: dict[int, int] = {}  # value id -> last step that reads its stored buffer
+        self.fused_read: dict[int, int] = {}  # fused value id -> last step `walk` read it
         self.copies: dict[tuple[int, tuple], list] = {}  # (value, dims) -> [bytes, first, last step]
         self.out: list[tuple] = []
         self.partial: dict[int, int] = {}  # value id -> index in `out` of the buffer its op writes
@@ -430,60 +437,99 @@ class _Walk:
         return _body_peak(sub, self.compiler, self.cache)
 
     def visit(self, n: int, step: int) -> int:
-        """Walks op `n` at the step after `step`: the copies of operands it reads resharded, its
-        loop body, the buffers it reads and writes. Returns its step."""
+        """Walks op `n` at the step after `step` (see `walk`). Returns its step."""
+        return self.walk((n,), step, None)
+
+    def walk(self, nodes, step: int, groups: list[list[Resolution]] | None) -> int:
+        """Walks `nodes` (op ids, and collectives as -1 - group index into `groups`) one after
+        another from the step after `step`: for each op, the copies of operands it reads
+        resharded, its loop body, the buffers it reads and writes. Returns the last step."""
         prop = self.prop
         g = prop.graph
+        ops = g.ops
+        decisions = prop.ops
+        bodies = prop.bodies
         shardings = prop.shardings
         fused, alias, last_read, written = self.fused, self.alias, self.last_read, self.written
-        op = g.ops[n]
-        inputs = op.inputs
-        decided = prop.ops[n]
-        wants = decided.operands if decided is not None else None
-        # Per operand read in another layout than stored: its copy's key, or None where the read
-        # is a local slice that needs none. None while every operand is read as stored.
-        targets: list | None = None
-        if wants is not None:
+        generated, op_step, resolving = self.generated, self.op_step, self.resolving
+        fused_read = self.fused_read
+        stacked_early = self.compiler.breadth_first
+        for n in nodes:
+            if n < 0:
+                step = _collective(groups[-1 - n], step, self)
+                continue
+            op = ops[n]
+            inputs = op.inputs
+            decided = decisions[n]
+            wants = decided.operands if decided is not None else None
+            # Per operand read in another layout than stored: its copy's key, or None where the
+            # read is a local slice that needs none. None while every operand is read as stored.
+            targets: list | None = None
+            if wants is not None:
+                for k, vid in enumerate(inputs):
+                    want = wants[k]
+                    have = shardings[vid]
+                    if want is None or want is have or want.dims == have.dims:
+                        continue
+                    if targets is None:
+                        targets = [None] * len(inputs)
+                    step = self._reshard(n, k, vid, want, step, targets)
+            step += 1
+            op_step[n] = step
+            subs = bodies.get(n)
+            if subs:  # a loop or branch: its body's own peak while it runs
+                inner = max(_body_peak(sub, self.compiler, self.cache) for sub in subs)
+                self.out.append((_BODY, -1, inner, step, step, op.primitive))
             for k, vid in enumerate(inputs):
-                want = wants[k]
-                have = shardings[vid]
-                if want is None or want is have or want.dims == have.dims:
-                    continue
-                if targets is None:
-                    targets = [None] * len(inputs)
-                step = self._reshard(n, k, vid, want, step, targets)
-        step += 1
-        self.op_step[n] = step
-        subs = prop.bodies.get(n)
-        if subs:  # a loop or branch: its body's own peak while it runs
-            inner = max(_body_peak(sub, self.compiler, self.cache) for sub in subs)
-            self.out.append((_BODY, -1, inner, step, step, op.primitive))
-        generated = self.generated
-        for k, vid in enumerate(inputs):
-            key = targets[k] if targets is not None else None
-            if key is not None:
-                self.copies[key][2] = step
-            elif vid in fused:  # recomputed here from its operands, which must still be live
-                for s in self.memo.get(vid) or fused_sources(g, vid, fused, alias, self.memo):
-                    last_read[s] = step
+                key = targets[k] if targets is not None else None
+                if key is not None:
+                    self.copies[key][2] = step
+                elif vid in fused:  # recomputed here from its operands: see `settle_fused`
+                    fused_read[vid] = step
+                else:
+                    root = alias.get(vid, vid)
+                    last_read[root] = step
+                    if root in generated:
+                        want = wants[k] if wants is not None else None
+                        if want is not None and want.dims == shardings[vid].dims:
+                            self.full[root] = step
+            if stacked_early and op.primitive == "scan":
+                # A scan's stacked outputs are loop-state buffers filled from zeros, which
+                # depend on nothing: a breadth-first schedule makes them at the start.
+                stacked = op.outputs[op.params["num_carry"] :]
+                for vid in op.outputs:
+                    written[vid] = 1 if vid in stacked else step
             else:
-                root = alias.get(vid, vid)
-                last_read[root] = step
-                want = wants[k] if wants is not None else None
-                if root in generated and want is not None and want.dims == shardings[vid].dims:
-                    self.full[root] = step
-        if op.primitive == "scan" and self.compiler.breadth_first:
-            # A scan's stacked outputs are loop-state buffers filled from zeros, which depend on
-            # nothing: a breadth-first schedule makes them at the start.
-            stacked = op.outputs[op.params["num_carry"] :]
-            for vid in op.outputs:
-                written[vid] = 1 if vid in stacked else step
-        else:
-            for vid in op.outputs:
-                written[vid] = step
-        if n in self.resolving:  # its pending sums' buffers, until the collectives that read them
-            _written(self, op, step)
+                for vid in op.outputs:
+                    written[vid] = step
+            if n in resolving:  # its pending sums' buffers, until the collectives that read them
+                _written(self, op, step)
         return step
+
+    def settle_fused(self) -> None:
+        """The last reads of the buffers fused values read by `walk` are recomputed from (their
+        sources, `fusion.fused_sources`): a fused value read last at step t keeps each of its
+        producer's operands live until t, through any that are fused themselves. Worked back
+        from the last producer, as one max per operand rather than a set of sources per value."""
+        pending = self.fused_read
+        if not pending:
+            return
+        fused, alias, last_read = self.fused, self.alias, self.last_read
+        get = pending.get
+        # Program order is topological: a fused value's operands are made by earlier ops.
+        for vid, inputs in self.prop.graph.derived("liveness.single_results", _single_results):
+            t = get(vid)
+            if t is None:
+                continue
+            for u in inputs:
+                if u in fused:
+                    if get(u, -1) < t:
+                        pending[u] = t
+                else:
+                    root = alias.get(u, u)
+                    if last_read.get(root, -1) < t:
+                        last_read[root] = t
+        pending.clear()
 
     def _reshard(self, n: int, k: int, vid: int, want: Sharding, step: int, targets: list) -> int:
         """Operand `k` (value `vid`) of op `n` read as `want`, not as stored: a resharded copy
@@ -515,6 +561,9 @@ class _Walk:
         return step
 
 
+_FIFTH = operator.itemgetter(4)
+
+
 def _walk_parts(
     w: _Walk,
     prop: Propagation,
@@ -528,6 +577,8 @@ def _walk_parts(
     each run of a part's live ops that the schedule keeps together, each run of plain ops
     (`part_steps.summary`) moves the walk in one go; every other op is walked by its entry, or
     in full."""
+    if all(map(operator.is_, map(_FIFTH, hits), itertools.repeat(None))):
+        return w.walk(nodes, 0, groups)  # none worked out (a graph's first walk): all in full
     last_read, written = w.last_read, w.written
     op_step = w.op_step if w.compiler.copies_donated_inputs else None
     spans, _ = prop.graph.derived("liveness.live_spans", live_spans)
@@ -539,8 +590,7 @@ def _walk_parts(
             continue
         hit = hits[span]
         if hit[4] is None:  # steps not worked out: walked in full
-            for m in spans[span][first:stop]:
-                step = w.visit(m, step)
+            step = w.walk(spans[span][first:stop], step, None)
             continue
         entries, start = hit[2], hit[0].span.start
         if one >= 0:  # one op alone (a breadth-first schedule makes many)

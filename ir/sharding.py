@@ -14,6 +14,10 @@ class LinkKind(enum.Enum):
     INTRA_NODE = "intra_node"  # NVLink / ICI
     INTER_NODE = "inter_node"  # InfiniBand / DCN
 
+    # Members are singletons compared by identity: hashed by identity too (Enum hashes the name
+    # in Python, and a mesh, which holds these, keys hot tables).
+    __hash__ = object.__hash__
+
 
 class ShardingError(ValueError):
     """A sharding that cannot apply to its tensor or mesh.
@@ -58,6 +62,7 @@ class MeshShape:
     links: tuple[LinkKind, ...] = ()
     # axis name -> size, for the hot lookups of axes_size (not part of the value).
     _sizes: dict[str, int] = dataclasses.field(init=False, repr=False, compare=False)
+    _hash: int = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if not self.links:
@@ -75,6 +80,13 @@ class MeshShape:
             if size < 1:
                 raise ShardingError(f"mesh axis {name!r} has size {size}; sizes must be >= 1.")
         object.__setattr__(self, "_sizes", dict(zip(self.axes, self.shape, strict=True)))
+        object.__setattr__(self, "_hash", hash((self.axes, self.shape, self.links)))
+
+    def __hash__(self) -> int:  # worked out once: a mesh keys hot tables
+        return self._hash
+
+    def __reduce__(self):  # made afresh in another process (its hash is that process's)
+        return (MeshShape, (self.axes, self.shape, self.links))
 
     @classmethod
     def parse(cls, text: str) -> MeshShape:
