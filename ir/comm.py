@@ -21,7 +21,7 @@ class CollectiveKind(enum.Enum):
     __hash__ = object.__hash__
 
 
-@dataclasses.dataclass(frozen=True, slots=True, eq=False, weakref_slot=True)
+@dataclasses.dataclass(frozen=True, slots=True, eq=False, weakref_slot=True, init=False)  # made by __new__
 class Collective:
     """One collective of the per-device program.
 
@@ -60,11 +60,6 @@ class Collective:
             with _INTERNING:  # a weak table's setdefault is not one step: two threads, one object
                 hit = _INTERNED.setdefault(key, made)
         return hit
-
-    def __init__(
-        self, kind: CollectiveKind, axes: tuple[str, ...], bytes: int, value: str = "", count: int = 1
-    ):
-        pass  # made once, by __new__
 
     def __reduce__(self):  # another process interns its own
         return (Collective, (self.kind, self.axes, self.bytes, self.value, self.count))

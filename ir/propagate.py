@@ -35,7 +35,7 @@ from ir.factors import assign_factors, result_shardings, tensor_dims
 from ir.graph import Graph, Op, Role, Value
 from ir.reshard import reshard
 from ir.sharding import MeshShape, Sharding
-from ir.spans import Part, PropagationCache, Span, layout, leaves_sums, renamed
+from ir.spans import Part, PropagationCache, Span, layout, leaves_sums, renamed, renaming
 from ir.sum_targets import resolution, scatters, stacked_targets, sum_kind, sum_paths
 
 Constraint = Callable[[Value], Sharding | None]
@@ -278,8 +278,11 @@ class _Propagator:
         ckey = (self.gkey, cls, *key[2:])  # (what the span is entered with, by position)
         seen = self.cache.classed.get(ckey)
         if seen is not None:
-            return renamed(seen, span, self.g)
-        part = self.cache.classed[ckey] = self._record(span)
+            if seen[1] is None:
+                seen[1] = renaming(seen[0], self.g)
+            return renamed(seen[0], span, self.g, seen[1])
+        part = self._record(span)
+        self.cache.classed[ckey] = [part, None]
         return part
 
     def _record(self, span: Span) -> Part:

@@ -257,7 +257,8 @@ class PropagationCache:
         self.reshards: dict[tuple, tuple[list[Collective], Sharding]] = {}  # by (shape, dtype, ...)
         self.bodies: dict[tuple, Propagation] = {}
         self.parts: dict[tuple, Part] = {}
-        self.classed: dict[tuple, Part] = {}  # (graph key, span class, reads) -> a Part of the class
+        # (graph key, span class, reads) -> [a Part of the class, None or its `renaming`]
+        self.classed: dict[tuple, list] = {}
         self.repeated: dict[tuple, tuple] = {}  # (body, trip count) -> its collectives repeated
         self.repeated_once: dict[tuple, Collective] = {}  # (collective, trip count) -> repeated
         self._keys: dict[tuple[int, Hashable], int] = {}
@@ -364,30 +365,55 @@ def span_classes(graph: Graph, spans: tuple[Span, ...], decides: tuple[int, ...]
     return tuple(out)
 
 
-def renamed(part: Part, span: Span, graph: Graph) -> Part:
+def renaming(part: Part, graph: Graph) -> tuple:
+    """What `renamed` needs of `part` beyond the part, worked out once for every span it is
+    renamed for: per value it names (sum groups, reads, collectives), that value's position in
+    its span's `reads + defs` (a def where a value is both, as in propagation)."""
+    was = part.span
+    at = {v: k for k, v in enumerate(was.reads + was.defs)}
+    values = graph.values
+    by_name = {values[v].name: k for v, k in at.items()}  # names are unique in a classed span
+    return (
+        tuple([at[v] for v, _ in part.sum_groups]),
+        tuple([by_name[c.value] for c in part.collectives]),
+        tuple([at[v] for _, _, v, _, _ in part.outside]),
+        tuple([at[v] for v, _ in part.inside_reads]),
+    )
+
+
+def renamed(part: Part, span: Span, graph: Graph, names: tuple | None = None) -> Part:
     """`part`, recorded for a span of `span`'s class (`span_classes`), as propagating `span`
     entered alike makes it: value for value by position in `reads` and `defs`, op for op by
-    position, each collective named for its value."""
+    position, each collective named for its value. `names`: `renaming(part, graph)`, if kept."""
     was = part.span
     shift = span.start - was.start
     rewritten = tuple([n + shift for n in part.rewritten]) if part.rewritten else ()
     if part.plain and not part.collectives:  # (most: nothing named by value)
         return Part(span, part.ops, part.defs, (), (), (), (), (), rewritten, part.origin or part)
-    vmap = dict(zip(was.reads, span.reads, strict=True))
-    vmap.update(zip(was.defs, span.defs, strict=True))
+    sums, named, outside, inside = names if names is not None else renaming(part, graph)
+    now = span.reads + span.defs
     colls = part.collectives
     if colls:
         values = graph.values
-        names = {values[a].name: values[b].name for a, b in vmap.items()}
-        colls = tuple([Collective(c.kind, c.axes, c.bytes, names[c.value], c.count) for c in colls])
+        colls = tuple(
+            [
+                Collective(c.kind, c.axes, c.bytes, values[now[k]].name, c.count)
+                for c, k in zip(colls, named, strict=True)
+            ]
+        )
     return Part(
         span,
         part.ops,
         part.defs,
-        tuple([(vmap[v], groups) for v, groups in part.sum_groups]),
+        tuple([(now[k], g) for (_, g), k in zip(part.sum_groups, sums, strict=True)]),
         colls,
-        tuple([(at, n, vmap[v], want, resolved) for at, n, v, want, resolved in part.outside]),
-        tuple([(vmap[v], s) for v, s in part.inside_reads]),
+        tuple(
+            [
+                (at, n, now[k], want, res)
+                for (at, n, _, want, res), k in zip(part.outside, outside, strict=True)
+            ]
+        ),
+        tuple([(now[k], s) for (_, s), k in zip(part.inside_reads, inside, strict=True)]),
         (),
         rewritten,
         part.origin or part,

@@ -297,7 +297,7 @@ def test_a_span_entered_as_another_of_its_class_replays_its_part_renamed_as_reco
         mine = propagate(g, MESH, inputs, outputs=outputs, cache=by_class)
         own = propagate(g, MESH, inputs, outputs=outputs, cache=alone, constraint=lambda v: None)
         assert not alone.classed
-        recorded = {id(p) for p in by_class.classed.values()}
+        recorded = {id(p) for p, _ in by_class.classed.values()}
         renamed += sum(id(p) not in recorded for p in mine.parts)
         assert len(mine.parts) == len(own.parts)
         for p, q in zip(mine.parts, own.parts, strict=True):
