@@ -137,6 +137,20 @@ def resolutions_of(
     return tuple(r for r in found if r is not None)
 
 
+def renamed_resolutions(found: tuple[Resolution, ...], like: Op, op: Op, g: Graph) -> tuple[Resolution, ...]:
+    """`found`, the resolutions of op `like`, as those of `op`, an op of the same kind
+    (`Graph.op_kinds`) decided and laid out alike: result for result, collectives named for
+    `op`'s values."""
+    values = g.values
+    out = []
+    for r in found:
+        vid = op.outputs[like.outputs.index(r.value)]
+        name = values[vid].name
+        colls = tuple([Collective(c.kind, c.axes, c.bytes, name, c.count) for c in r.collectives])
+        out.append(Resolution(vid, r.produced, colls, r.key, r.bytes))
+    return tuple(out)
+
+
 def _resolution(
     prop: Propagation, op: Op, k: int, compiler: Compiler, memo: dict | None
 ) -> Resolution | None:

@@ -40,6 +40,7 @@ from cost_model.compiler import (
     combine,
     donated_copies,
     local_bytes,
+    renamed_resolutions,
     resolutions_of,
     schedule,
 )
@@ -104,6 +105,8 @@ class TimelineCache:
         self.sources: dict[tuple, list] = {}
         self.resolutions: dict[tuple, tuple] = {}
         self.resolution_colls: dict[tuple, tuple] = {}  # see compiler.resolutions_of
+        # (graph, op kind, decision, result layouts) -> (decision, op id, its resolutions)
+        self.resolutions_alike: dict[tuple, tuple] = {}
         self.combined: dict[tuple, list[list[int]]] = {}
         self.schedules: dict[tuple, list[int]] = {}
         self.scheduled: dict[tuple, tuple] = {}  # (graph, resolutions) -> (them, groups, ...)
@@ -224,6 +227,7 @@ def _buffers(
         maybe = [g.ops[n] for hit in steps for n in hit[3]]
     shardings = prop.shardings
     gid = id(g)
+    kinds = g.op_kinds
     for op in maybe:
         decided = prop.ops[op.id]
         if decided is None or op.rule is None:
@@ -242,10 +246,16 @@ def _buffers(
             )
             hit = cache.resolutions.get(key)
             if hit is None or hit[0] is not decided:
-                hit = cache.resolutions[key] = (
-                    decided,
-                    resolutions_of(prop, op, compiler, cache.resolution_colls),
-                )
+                # An op of the same kind decided alike (an unrolled model's layers) resolves
+                # alike: its resolutions, renamed value for value.
+                alike = (gid, kinds[op.id], *key[2:])
+                like = cache.resolutions_alike.get(alike)
+                if like is not None and like[0] is decided:
+                    found = renamed_resolutions(like[2], g.ops[like[1]], op, g)
+                else:
+                    found = resolutions_of(prop, op, compiler, cache.resolution_colls)
+                    cache.resolutions_alike[alike] = (decided, op.id, found)
+                hit = cache.resolutions[key] = (decided, found)
             found = hit[1]
         for r in found:
             resolutions[r.value] = r

@@ -179,6 +179,7 @@ class Simulator:
             + len(t.body_peaks)
             + len(t.resolutions)
             + len(t.resolution_colls)
+            + len(t.resolutions_alike)
             + len(t.shape_sizes)
             + t.size_entries
             + len(t.moves)
