@@ -209,26 +209,44 @@ def combine(g: Graph, order: list[Op], cands: list[Resolution], compiler: Compil
 
 
 def _group(cands: list[Resolution], anc: list[int], bit: list[int], compiler: Compiler) -> list[list[int]]:
-    """`combine`'s groups, given per candidate the bits of those it depends on and its own bit."""
+    """`combine`'s groups, given per candidate the bits of those it depends on and its own bit.
+
+    A group opens at the first candidate left (in program order) and takes the candidates of its
+    key that follow, in order: one over the threshold alone is a group of its own; the group
+    closes at the first that would take it over the threshold or depends on a member, or when
+    it is full. So the candidates of a key are always placed first to last: each key keeps its
+    candidates in order and how many of them are placed."""
     limit = {
         CollectiveKind.ALL_REDUCE: compiler.all_reduce_combine_bytes,
         CollectiveKind.REDUCE_SCATTER: compiler.reduce_scatter_combine_bytes,
     }
-    remaining = list(range(len(cands)))
+    by_key: dict[tuple, list[int]] = {}
+    at = []  # per candidate, its place among its key's
+    for r in cands:
+        same = by_key.setdefault(r.key, [])
+        at.append(len(same))
+        same.append(len(at) - 1)
+    placed = dict.fromkeys(by_key, 0)  # key -> how many of its candidates are placed
     groups: list[list[int]] = []
-    while remaining:
+    head = 0  # every candidate before it is placed
+    while True:
+        while head < len(cands) and placed[cands[head].key] > at[head]:
+            head += 1
+        if head == len(cands):
+            return groups
+        key = cands[head].key
+        same = by_key[key]
+        cap = limit[key[0]]
         chosen: list[int] = []
-        key = None
         total = 0
-        for c in list(remaining):
-            if not chosen:
-                key = cands[c].key
-            if cands[c].key != key:
-                continue
-            cap = limit[key[0]]
+        k = placed[key]
+        while k < len(same):
+            c = same[k]
             if cands[c].bytes > cap:
-                remaining.remove(c)
                 groups.append([c])
+                k += 1
+                if not chosen:
+                    break  # (the next group opens at the next candidate left, of any key)
                 continue
             if total + cands[c].bytes > cap:
                 break
@@ -237,22 +255,23 @@ def _group(cands: list[Resolution], anc: list[int], bit: list[int], compiler: Co
                 break
             chosen.append(c)
             total += cands[c].bytes
-            remaining.remove(c)
+            k += 1
             if len(chosen) >= compiler.combine_count:
                 break
+        placed[key] = k
         if chosen:
             groups.append(chosen)
         if len(chosen) > 1:
             # Whoever depended on one member now depends on every member's inputs. The sets stay
-            # transitively closed, so one sweep suffices.
+            # transitively closed, so one sweep (of the candidates not placed) suffices.
             bits = mask = 0
             for m in chosen:
                 bits |= bit[m]
                 mask |= anc[m] | bit[m]
-            for c in range(len(cands)):
-                if anc[c] & bits:
-                    anc[c] |= mask
-    return groups
+            for key_, cs in by_key.items():
+                for c in cs[placed[key_] :]:
+                    if anc[c] & bits:
+                        anc[c] |= mask
 
 
 def schedule(
