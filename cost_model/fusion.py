@@ -56,7 +56,7 @@ def generated(g) -> frozenset[int]:
 
 class FusionCache:
     """Memo tables for `fused_and_aliased` over many propagations of the same graphs: local
-    element counts by (graph, value, sharding), and the fused set by (graph, aliases, library
+    element counts by (shape, sharding, mesh), and the fused set by (graph, aliases, library
     ops, library slices). Entries keep their graph alive."""
 
     def __init__(self):
