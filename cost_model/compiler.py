@@ -13,7 +13,7 @@ import heapq
 import math
 from collections.abc import Callable, Sequence
 
-from ir.comm import Collective, CollectiveKind
+from ir.comm import CollectiveKind
 from ir.graph import Graph, Op
 from ir.propagate import Propagation
 from ir.reshard import reshard
@@ -146,7 +146,7 @@ def renamed_resolutions(found: tuple[Resolution, ...], like: Op, op: Op, g: Grap
     for r in found:
         vid = op.outputs[like.outputs.index(r.value)]
         name = values[vid].name
-        colls = tuple([Collective(c.kind, c.axes, c.bytes, name, c.count) for c in r.collectives])
+        colls = tuple([c.named(name) for c in r.collectives])
         out.append(Resolution(vid, r.produced, colls, r.key, r.bytes))
     return tuple(out)
 
@@ -169,7 +169,7 @@ def _resolution(
         if colls is None:
             colls = memo[alike] = tuple(reshard(v, made, Sharding(stored.dims), prop.mesh, groups)[0])
         if colls and colls[0].value != v.name:
-            colls = tuple(Collective(c.kind, c.axes, c.bytes, v.name, c.count) for c in colls)
+            colls = tuple([c.named(v.name) for c in colls])
     key = None
     nbytes = 0
     if colls and colls[0].kind in _SUMS:

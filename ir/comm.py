@@ -64,6 +64,10 @@ class Collective:
     def __reduce__(self):  # another process interns its own
         return (Collective, (self.kind, self.axes, self.bytes, self.value, self.count))
 
+    def named(self, value: str) -> Collective:
+        """This collective moving the tensor `value` (one alike in shape and layout)."""
+        return Collective(self.kind, self.axes, self.bytes, value, self.count)
+
     def repeated(self, times: int) -> Collective:
         """This collective run `times` times as often."""
         return Collective(self.kind, self.axes, self.bytes, self.value, self.count * times)

@@ -458,9 +458,7 @@ class _Propagator:
                 made = self.cache.reshards[alike] = reshard(v, have, want, self.mesh, groups)
             colls, resolved = made
             hit = self.cache.reads[key] = (
-                [Collective(c.kind, c.axes, c.bytes, v.name, c.count) for c in colls]
-                if colls and colls[0].value != v.name
-                else colls,
+                [c.named(v.name) for c in colls] if colls and colls[0].value != v.name else colls,
                 resolved,
             )
         return hit

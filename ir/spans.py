@@ -395,12 +395,7 @@ def renamed(part: Part, span: Span, graph: Graph, names: tuple | None = None) ->
     colls = part.collectives
     if colls:
         values = graph.values
-        colls = tuple(
-            [
-                Collective(c.kind, c.axes, c.bytes, values[now[k]].name, c.count)
-                for c, k in zip(colls, named, strict=True)
-            ]
-        )
+        colls = tuple([c.named(values[now[k]].name) for c, k in zip(colls, named, strict=True)])
     return Part(
         span,
         part.ops,
