@@ -381,16 +381,16 @@ def renaming(part: Part, graph: Graph) -> tuple:
     )
 
 
-def renamed(part: Part, span: Span, graph: Graph, names: tuple | None = None) -> Part:
+def renamed(part: Part, span: Span, graph: Graph, names: tuple) -> Part:
     """`part`, recorded for a span of `span`'s class (`span_classes`), as propagating `span`
     entered alike makes it: value for value by position in `reads` and `defs`, op for op by
-    position, each collective named for its value. `names`: `renaming(part, graph)`, if kept."""
+    position, each collective named for its value. `names`: `renaming(part, graph)`."""
     was = part.span
     shift = span.start - was.start
     rewritten = tuple([n + shift for n in part.rewritten]) if part.rewritten else ()
     if part.plain and not part.collectives:  # (most: nothing named by value)
         return Part(span, part.ops, part.defs, (), (), (), (), (), rewritten, part.origin or part)
-    sums, named, outside, inside = names if names is not None else renaming(part, graph)
+    sums, named, outside, inside = names
     now = span.reads + span.defs
     colls = part.collectives
     if colls:
