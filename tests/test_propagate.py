@@ -267,7 +267,47 @@ def test_spans_cover_the_program_in_order_with_each_loop_alone():
     assert [(s.start, s.stop) for s in spans_of(g)] == list(bounds)
 
 
-@pytest.mark.parametrize("source", ["builtin:llama:tiny", "builtin:gpt:tiny", "builtin:moe:tiny"])
+def _llama_layers(n: int) -> Workload:
+    """The tiny Llama unrolled with `n` layers (periodic runs need three repeats)."""
+    from models import llama
+
+    return llama.build(dataclasses.replace(llama.SIZES["tiny"], n_layers=n), scan=False, source=f"llama-{n}")
+
+
+def test_each_repeat_of_a_periodic_run_is_cut_alike_into_spans_of_one_class():
+    # An unrolled model's layers repeat (forward, backward, the optimizer's updates): each repeat
+    # is cut into the same spans, so a layer's span is of one class with the same span of every
+    # other layer, whatever the layer's phase against SPAN_OPS.
+    from ir.graph import Role
+    from ir.spans import MAX_PERIOD, PERIOD_SPAN_OPS, SPAN_OPS, layout, periodic_runs, span_bounds
+
+    g = trace(_llama_layers(4))
+    runs = periodic_runs(g)
+    kinds = g.op_kinds
+    assert len(runs) >= 3  # forward, backward, updates
+    assert [r[2] for r in runs[:2]] == [4, 4]  # the forward and backward passes: one per layer
+    for first, period, count in runs:
+        assert SPAN_OPS <= period <= MAX_PERIOD and count >= 3
+        assert all(kinds[n] == kinds[n + period] for n in range(first, first + (count - 1) * period))
+    assert all(a + p * c <= b for (a, p, c), (b, _, _) in itertools.pairwise(runs))  # in order, apart
+    bounds = span_bounds(g)
+    assert bounds[0][0] == 0 and bounds[-1][1] == len(g.ops)
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(bounds))
+    classes = layout(g, frozenset(i for i in g.inputs if g.values[i].role is Role.BATCH))[3]
+    at = {b: k for k, b in enumerate(bounds)}
+    for first, period, count in runs:
+        cut = [(a - first, b - first) for a, b in bounds if first <= a and b <= first + period]
+        assert cut[0][0] == 0 and cut[-1][1] == period
+        assert all(b - a <= PERIOD_SPAN_OPS for a, b in cut)
+        for j in range(1, count):
+            assert all((first + j * period + a, first + j * period + b) in at for a, b in cut)
+        if runs.index((first, period, count)) < 2:  # a layer's passes are wired alike
+            for a, b in cut:
+                spans = [at[(first + j * period + a, first + j * period + b)] for j in range(1, count)]
+                assert len({classes[k] for k in spans}) == 1 and classes[spans[0]] >= 0
+
+
+@pytest.mark.parametrize("source", ["builtin:llama:tiny", "builtin:gpt:tiny", "builtin:moe:tiny", "llama-4"])
 def test_a_span_entered_as_another_of_its_class_replays_its_part_renamed_as_recorded(source):
     # The layers of an unrolled model: a span entered as another span of its class was is not
     # propagated again but takes that span's Part, renamed value for value. Every part must come
@@ -280,7 +320,7 @@ def test_a_span_entered_as_another_of_its_class_replays_its_part_renamed_as_reco
     from ir.spans import Part, PropagationCache, layout
     from search.space import build_space
 
-    g = trace(resolve(source))
+    g = trace(_llama_layers(4) if source == "llama-4" else resolve(source))
     space = build_space(g, MESH)
     classes = layout(g, frozenset(i for i in g.inputs if g.values[i].role is Role.BATCH))[3]
     classed = [c for c in classes if c >= 0]
