@@ -49,7 +49,7 @@ from cost_model.part_steps import live_spans, moves, part_hits, runs, sub_moves
 from ir.comm import CollectiveKind
 from ir.graph import Graph, Op
 from ir.propagate import Propagation
-from ir.sharding import Sharding
+from ir.sharding import MeshShape, Sharding
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -110,9 +110,9 @@ class TimelineCache:
         self.combined: dict[tuple, list[list[int]]] = {}
         self.schedules: dict[tuple, list[int]] = {}
         self.scheduled: dict[tuple, tuple] = {}  # (graph, resolutions) -> (them, groups, ...)
-        # graph id -> (graph, per value id None or {sharding: bytes of its local shard}); the
+        # (graph id, mesh) -> (graph, per value id {sharding: bytes of its local shard}); the
         # tables are shared by values of one shape, item size and mesh (`shape_sizes`)
-        self.sizes: dict[int, tuple[Graph, list]] = {}
+        self.sizes: dict[tuple, tuple[Graph, list]] = {}
         self.shape_sizes: dict[tuple, dict] = {}
         self.size_entries = 0  # how many (shape, sharding) entries the tables hold
         self.slices: dict[tuple, tuple] = {}
@@ -125,12 +125,29 @@ class TimelineCache:
         # graph id -> (aliases, buffers of arguments and results, {buffer of a result: None})
         self.pinned: dict[int, tuple] = {}
 
-    def value_sizes(self, g: Graph) -> list:
-        """Per value id of `g`, None or {sharding: bytes of its local shard} (see `_Walk.size`)."""
-        hit = self.sizes.get(id(g))
+    def value_sizes(self, g: Graph, mesh: MeshShape) -> list:
+        """Per value id of `g`, {sharding: bytes of its local shard} on `mesh` (see `_Walk.size`):
+        one table per shape and item size, made when the graph is first seen rather than as each
+        value is first sized (an unrolled model has some 20,000 values of a few dozen shapes)."""
+        hit = self.sizes.get((id(g), mesh))
         if hit is None or hit[0] is not g:
-            hit = self.sizes[id(g)] = (g, [None] * len(g.values))
+            of_value, shapes = g.derived("liveness.shape_classes", _shape_classes)
+            tables = []
+            for shape, itemsize in shapes:
+                known = self.shape_sizes.get((shape, itemsize, mesh))
+                if known is None:
+                    known = self.shape_sizes[(shape, itemsize, mesh)] = {}
+                tables.append(known)
+            hit = self.sizes[(id(g), mesh)] = (g, [tables[c] for c in of_value])
         return hit[1]
+
+
+def _shape_classes(g: Graph) -> tuple[list[int], list[tuple[tuple[int, ...], int]]]:
+    """(per value id its class, per class (shape, item size)): values of one class have local
+    shards of one size under one layout."""
+    classes: dict[tuple, int] = {}
+    of_value = [classes.setdefault((v.shape, v.itemsize), len(classes)) for v in g.values]
+    return of_value, list(classes)
 
 
 def _single_results(g: Graph) -> tuple[tuple[int, tuple[int, ...]], ...]:
@@ -206,7 +223,7 @@ def _buffers(
         if hit is None or hit[0] is not fused:
             hit = cache.sources[(id(g), id(fused))] = [fused, {}, None, None]
         memo = hit[1]
-        sizes = cache.value_sizes(g)
+        sizes = cache.value_sizes(g, prop.mesh)
     w = _Walk(prop, compiler, cache, fused, alias, library, memo, sizes)
     # The values written in no buffer of their own (fused, an argument's or a result's, or
     # sharing another's): one set, kept with the fused set and the aliases it was made for.
@@ -357,15 +374,8 @@ def shard_bytes(sizes: list, prop: Propagation, vid: int, s: Sharding, cache: Ti
     of one shape and item size share one table: an unrolled model's layers are sized once."""
     known = sizes[vid]
     v = prop.graph.values[vid]
-    if known is None:
-        if cache is None:
-            known = sizes[vid] = {}
-        else:
-            key = (v.shape, v.itemsize, prop.mesh)
-            known = cache.shape_sizes.get(key)
-            if known is None:
-                known = cache.shape_sizes[key] = {}
-            sizes[vid] = known
+    if known is None:  # (without a cache: a table per value, made as it is first sized)
+        known = sizes[vid] = {}
     b = known.get(s)
     if b is None:
         b = known[s] = local_bytes(v.shape, v.itemsize, s, prop.mesh)

@@ -102,7 +102,7 @@ def _fixed_bytes(
     if pairs is None:
         return None
     inputs, outputs, pairs = pairs
-    sizes = cache.value_sizes(g)
+    sizes = cache.value_sizes(g, prop.mesh)
     try:
         ins = list(map(dict.get, inputs(sizes), inputs(prop.shardings)))
         outs = list(map(dict.get, outputs(sizes), prop.outputs))
@@ -141,7 +141,7 @@ def _footprint(
     `cache`: its memo of local bytes per value and sharding is used and added to."""
     g = prop.graph
     donated = g.donated if donated is None else donated
-    sizes = cache.value_sizes(g) if cache is not None else [None] * len(g.values)
+    sizes = cache.value_sizes(g, prop.mesh) if cache is not None else [None] * len(g.values)
 
     def size(vid: int, s) -> int:
         return shard_bytes(sizes, prop, vid, s, cache)
