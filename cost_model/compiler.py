@@ -310,7 +310,7 @@ def _program_order(g: Graph, order: list[Op], groups: list[list[Resolution]]) ->
     static = g.derived(("compiler.program_order", id(order)), lambda g: _edges(g, order))
     if static[0] is not order:  # another list under a reused id: work it out again
         static = _edges(g, order)
-    _, position, op_deps, op_users, _ = static
+    _, position, op_deps, op_users, _, ids = static
     producer = g.producer
     consumers = g.consumers
     group_of = {r.value: -1 - k for k, members in enumerate(groups) for r in members}
@@ -366,12 +366,24 @@ def _program_order(g: Graph, order: list[Op], groups: list[list[Resolution]]) ->
             waiting.discard(m)
             run(m)
 
-    k = 0
+    # The positions of the ops that read a collective (then the end): while nothing waits, the
+    # ops up to the next of them or the next collective's rank run as they come, in one go.
+    stops = sorted([position[n] for n in deps if n >= 0])
+    stops.append(len(ids))
+    s = k = i = 0
     next_rank = rank[ranked[0]] if ranked else -1
-    for op in order:
-        n = op.id
-        if 0 <= next_rank < 2 * position[n]:
-            while k < len(ranked) and rank[ranked[k]] < 2 * position[n]:
+    while i < len(ids):
+        if not waiting:
+            while stops[s] < i:
+                s += 1
+            stop = stops[s] if next_rank < 0 else min(stops[s], next_rank // 2 + 1)
+            if stop > i:
+                out += ids[i:stop]
+                i = stop
+                continue
+        n = ids[i]
+        if 0 <= next_rank < 2 * i:  # (i: the op's position)
+            while k < len(ranked) and rank[ranked[k]] < 2 * i:
                 take(ranked[k])
                 k += 1
             next_rank = rank[ranked[k]] if k < len(ranked) else -1
@@ -384,6 +396,7 @@ def _program_order(g: Graph, order: list[Op], groups: list[list[Resolution]]) ->
         else:  # it waits for ops that wait
             pending[n] = len(waiting.intersection(op_deps[n]))
             waiting.add(n)
+        i += 1
     for n in ranked[k:]:
         take(n)
     if len(out) != len(order) + len(groups):  # only a cycle leaves nodes waiting
@@ -446,7 +459,7 @@ def _ancestors(g: Graph, order: list[Op], cands: list[Resolution]) -> list[int]:
 
 def _edges(g: Graph, order: list[Op]) -> tuple:
     """(order, per op id its position, its producers among `order`, the ops that read it, how
-    many producers it waits for): the schedule's edges without collectives."""
+    many producers it waits for, the op ids in order): the schedule's edges without collectives."""
     position = {op.id: i for i, op in enumerate(order)}
     deps = {op.id: frozenset(_waits_for(g, op, {}, position)) for op in order}
     users: dict[int, list[int]] = {op.id: [] for op in order}
@@ -459,6 +472,7 @@ def _edges(g: Graph, order: list[Op]) -> tuple:
         deps,
         {n: tuple(us) for n, us in users.items()},
         {n: len(ds) for n, ds in deps.items()},
+        [op.id for op in order],
     )
 
 
