@@ -310,7 +310,7 @@ def _program_order(g: Graph, order: list[Op], groups: list[list[Resolution]]) ->
     static = g.derived(("compiler.program_order", id(order)), lambda g: _edges(g, order))
     if static[0] is not order:  # another list under a reused id: work it out again
         static = _edges(g, order)
-    _, position, op_deps, op_users, _, ids = static
+    _, position, op_deps, op_users, ids = static
     producer = g.producer
     consumers = g.consumers
     group_of = {r.value: -1 - k for k, members in enumerate(groups) for r in members}
@@ -458,8 +458,8 @@ def _ancestors(g: Graph, order: list[Op], cands: list[Resolution]) -> list[int]:
 
 
 def _edges(g: Graph, order: list[Op]) -> tuple:
-    """(order, per op id its position, its producers among `order`, the ops that read it, how
-    many producers it waits for, the op ids in order): the schedule's edges without collectives."""
+    """(order, per op id its position, its producers among `order`, the ops that read it, the op
+    ids in order): the schedule's edges without collectives."""
     position = {op.id: i for i, op in enumerate(order)}
     deps = {op.id: frozenset(_waits_for(g, op, {}, position)) for op in order}
     users: dict[int, list[int]] = {op.id: [] for op in order}
@@ -471,7 +471,6 @@ def _edges(g: Graph, order: list[Op]) -> tuple:
         position,
         deps,
         {n: tuple(us) for n, us in users.items()},
-        {n: len(ds) for n, ds in deps.items()},
         [op.id for op in order],
     )
 

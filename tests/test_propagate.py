@@ -295,13 +295,13 @@ def test_each_repeat_of_a_periodic_run_is_cut_alike_into_spans_of_one_class():
     assert all(a[1] == b[0] for a, b in itertools.pairwise(bounds))
     classes = layout(g, frozenset(i for i in g.inputs if g.values[i].role is Role.BATCH))[3]
     at = {b: k for k, b in enumerate(bounds)}
-    for first, period, count in runs:
+    for r, (first, period, count) in enumerate(runs):
         cut = [(a - first, b - first) for a, b in bounds if first <= a and b <= first + period]
         assert cut[0][0] == 0 and cut[-1][1] == period
         assert all(b - a <= PERIOD_SPAN_OPS for a, b in cut)
         for j in range(1, count):
             assert all((first + j * period + a, first + j * period + b) in at for a, b in cut)
-        if runs.index((first, period, count)) < 2:  # a layer's passes are wired alike
+        if r < 2:  # a layer's passes are wired alike
             for a, b in cut:
                 spans = [at[(first + j * period + a, first + j * period + b)] for j in range(1, count)]
                 assert len({classes[k] for k in spans}) == 1 and classes[spans[0]] >= 0
