@@ -33,6 +33,8 @@ import itertools
 import operator
 from collections.abc import Sequence
 
+import numpy as np
+
 from cost_model.compiler import (
     XLA_CPU,
     Compiler,
@@ -46,6 +48,7 @@ from cost_model.compiler import (
 )
 from cost_model.fusion import GENERATED, FusionCache, fused_and_aliased, generated
 from cost_model.part_steps import live_spans, moves, part_hits, runs, sub_moves
+from cost_model.walk_arrays import walk_peak
 from ir.comm import CollectiveKind
 from ir.graph import Graph, Op
 from ir.propagate import Propagation
@@ -119,6 +122,8 @@ class TimelineCache:
         self.loop_slices: dict[tuple, tuple] = {}  # (graph, its loops' bodies) -> (bodies, slices)
         self.moves: dict[tuple, bool] = {}  # (shape, dtype, have, want) -> whether a collective moves it
         self.steps: dict[int, tuple] = {}  # part -> what its ops do (see part_steps.part_hits)
+        # (span's decisions, its operands' layouts) -> (decisions, operands read resharded)
+        self.resharded: dict[tuple, tuple] = {}  # see walk_arrays._resharded
         self.steps_by_fusion: dict[tuple, tuple] = {}  # (part, fused set) -> ... under another fusion
         self.runs: dict[int, tuple] = {}  # schedule -> its runs of span ops (see part_steps.runs)
         self.walks: dict[int, int] = {}  # graph id -> parts walks (see part_steps.part_hits)
@@ -182,6 +187,8 @@ def timeline(
 def temp_peak(prop: Propagation, compiler: Compiler = XLA_CPU, cache: TimelineCache | None = None) -> int:
     """`peak(timeline(prop, compiler, cache))[0]`, without naming the buffers."""
     delta, _ = _buffers(prop, compiler, cache, peak_only=True)
+    if isinstance(delta, np.ndarray):
+        return max(0, int(np.cumsum(delta).max()))
     return max(0, *itertools.accumulate(delta))
 
 
@@ -210,7 +217,8 @@ def _buffers(
 ) -> tuple[list, int]:
     """The timeline as (kind, value, bytes, start, end, extra) tuples, and the last step; with
     `peak_only`, instead of the tuples the bytes each step adds to those live (a list over
-    steps 0..last + 1, whose running sum is the bytes live at each step)."""
+    steps 0..last + 1, whose running sum is the bytes live at each step; a numpy array where
+    `walk_arrays.walk_peak` worked it out)."""
     g = prop.graph
     order, scans = g.derived("liveness.order", _order)
     if cache is None:
@@ -289,6 +297,11 @@ def _buffers(
         _, groups, resolving, nodes = hit
     w.resolving = resolving
     w.sliced = _loop_slices(prop, scans, cache)
+    if peak_only and (steps is None or all(hit[4] is None for hit in steps)):
+        # Nothing worked out per part: the whole walk over arrays, where the compiler allows.
+        found = walk_peak(w, nodes, groups, unbuffered, cache.resharded if cache is not None else {})
+        if found is not None:
+            return found
     written, last_read, out = w.written, w.last_read, w.out
     step = 0
     if steps is None:

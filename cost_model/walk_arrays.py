@@ -1,0 +1,321 @@
+"""The bytes live per step of a whole walk of the schedule, worked out over arrays.
+
+`cost_model.liveness` walks the schedule op by op (`_Walk.walk`) and settles the reads of fused
+values afterwards (`_Walk.settle_fused`). A searcher's peak needs only the bytes each step adds
+to those live, not the named buffers, and when no part of a propagation has its steps worked out
+(`part_steps`: a graph's first walk, or every walk of a searcher that keeps no caches) the same
+peak is found here with one pass of Python over the few operands read resharded and the
+collectives, and numpy over every read and write:
+
+- the step of each node is a running sum (one per op, one per new resharded copy before it, one
+  per collective);
+- each buffer's last read is a max over its readers' steps; a fused value's last read reaches its
+  producer's operands, worked out in rounds up its chains of fused producers (as many rounds as
+  the longest chain: 14 on Llama-8B) rather than value by value;
+- which operands an op reads resharded is a function of its span's decisions and the layouts of
+  what the span reads: found once per (decisions, layouts), so the 32 layers of an unrolled model,
+  decided alike, are looked at once.
+
+Compilers whose choices act on single steps (XLA:CPU: library reductions, copies of donated
+inputs, breadth-first stacked outputs, reduce-scatters lowered as all-reduces) are walked in full
+(`walk_peak` returns None). tests/test_liveness.py checks that both walks give the same bytes per
+step.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from cost_model.compiler import Compiler, Resolution
+from cost_model.fusion import generated
+from cost_model.part_steps import live_spans, moves
+from ir.graph import Graph
+from ir.sharding import Sharding
+
+if TYPE_CHECKING:
+    from cost_model.liveness import _Walk
+
+
+def supports(compiler: Compiler) -> bool:
+    """Whether `walk_peak` models this compiler (else the walk goes op by op)."""
+    return not (
+        compiler.library_reduce_elements
+        or compiler.copies_donated_inputs
+        or compiler.breadth_first
+        or compiler.reduce_scatter_as_all_reduce
+    )
+
+
+class _Arrays:
+    """What `walk_peak` reads of a graph (`Graph.derived`): its edges as arrays."""
+
+    def __init__(self, g: Graph):
+        ops = g.ops
+        n_values = len(g.values)
+        self.n_values = n_values
+        live = np.zeros(len(ops), dtype=bool)
+        live[sorted(g.live_ops)] = True
+        self.n_live = int(live.sum())
+        counts = np.array([len(op.inputs) for op in ops], dtype=np.int64)
+        # Every operand read, op by op: where an op's start, which value, which op.
+        self.in_ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self.in_value = np.array([v for op in ops for v in op.inputs], dtype=np.int64)
+        self.in_op = np.repeat(np.arange(len(ops), dtype=np.int64), counts)
+        self.in_live = live[self.in_op]
+        # Every result of a live op, and the op.
+        made = [(op.id, v) for op in ops if live[op.id] for v in op.outputs]
+        self.out_op = np.array([n for n, _ in made], dtype=np.int64)
+        self.out_value = np.array([v for _, v in made], dtype=np.int64)
+        self.generated = np.zeros(n_values, dtype=bool)
+        self.generated[sorted(generated(g))] = True
+        # Per value made by an op with one result, that op's operands (as `settle_fused` reads).
+        by_value = {op.outputs[0]: op.inputs for op in ops if len(op.outputs) == 1}
+        per = np.zeros(n_values, dtype=np.int64)
+        for v, ins in by_value.items():
+            per[v] = len(ins)
+        self.src_ptr = np.concatenate([[0], np.cumsum(per)]).astype(np.int64)
+        self.src_value = np.array([u for v in range(n_values) for u in by_value.get(v, ())], dtype=np.int64)
+        # Per span (`live_spans`): its first op, and its live ops' operands as (op, position).
+        spans, _ = live_spans(g)
+        self.spans = []
+        for ids in spans:
+            reads = tuple((n, k) for n in ids for k in range(len(ops[n].inputs)))
+            values = [ops[n].inputs[k] for n, k in reads]
+            self.spans.append((ids[0] if ids else -1, reads, values))
+
+
+def _resharded(w: _Walk, a: _Arrays, memo: dict) -> list[tuple[int, int, int, Sharding]]:
+    """(op, operand position, value, layout read) of every operand of a live op read in another
+    layout than stored. By span: a function of the span's decisions and the layouts of its
+    operands, kept in `memo`."""
+    prop = w.prop
+    ops = prop.graph.ops
+    decisions = prop.ops
+    shardings = prop.shardings
+    out = []
+    parts = prop.parts
+    if len(parts) == len(a.spans):
+        for part, (first, reads, values) in zip(parts, a.spans, strict=True):
+            if not reads:
+                continue
+            start = part.span.start
+            if first < start or first >= part.span.stop:
+                break  # not the graph's spans: op by op, below
+            have = tuple(map(shardings.__getitem__, values))
+            key = (id(part.ops), have)
+            hit = memo.get(key)
+            if hit is None or hit[0] is not part.ops:
+                found = []
+                for (n, k), h in zip(reads, have, strict=True):
+                    decided = part.ops[n - start]
+                    want = decided.operands[k] if decided is not None else None
+                    if want is not None and want is not h and want.dims != h.dims:
+                        found.append((n - start, k))
+                hit = memo[key] = (part.ops, tuple(found))
+            for at, k in hit[1]:
+                n = start + at
+                out.append((n, k, ops[n].inputs[k], decisions[n].operands[k]))
+        else:
+            return out
+        out.clear()
+    for n in sorted(prop.graph.live_ops):
+        decided = decisions[n]
+        if decided is None:
+            continue
+        for k, (vid, want) in enumerate(zip(ops[n].inputs, decided.operands, strict=True)):
+            if want is not None:
+                have = shardings[vid]
+                if want is not have and want.dims != have.dims:
+                    out.append((n, k, vid, want))
+    return out
+
+
+def walk_peak(
+    w: _Walk,
+    nodes: list[int],
+    groups: list[list[Resolution]],
+    unbuffered: frozenset[int] | set[int],
+    memo: dict,
+) -> tuple[np.ndarray, int] | None:
+    """(per step 0..last + 1, the bytes it adds to those live; the last step) of walking `nodes`
+    (as `_Walk.walk` numbers steps) and settling the fused reads, as `liveness._buffers` counts
+    them with `peak_only`; None where this compiler or schedule is walked op by op. `memo`: the
+    operands read resharded by span (see `_resharded`), kept across walks of one graph."""
+    if not supports(w.compiler):
+        return None
+    prop = w.prop
+    g = prop.graph
+    ops = g.ops
+    a: _Arrays = g.derived("walk_arrays", _Arrays)
+    node = np.array(nodes, dtype=np.int64)
+    is_op = node >= 0
+    op_nodes = node[is_op]
+    if len(op_nodes) != a.n_live:
+        return None  # a schedule of part of the graph
+    n_values = a.n_values
+    shardings = prop.shardings
+    fused, alias = w.fused, w.alias
+
+    # Operands read resharded, in schedule order: a copy made before the op the first time
+    # (value, layout) is read, reused after; a local slice of a fused or generated value needs none.
+    position = np.empty(len(ops), dtype=np.int64)
+    position[op_nodes] = np.flatnonzero(is_op)
+    resharded = _resharded(w, a, memo)
+    resharded.sort(key=lambda r: (position[r[0]], r[1]))
+    increment = np.ones(len(node), dtype=np.int64)
+    copies: dict[tuple, list] = {}  # (value, dims) -> [bytes, first step, last step]
+    made = []  # (op, buffer copied, key) of each copy made, in order
+    copy_reads = []  # (key, op, operand position)
+    sliced, generated_values = w.sliced, w.generated
+    for n, k, vid, want in resharded:
+        key = (vid, want.dims)
+        if key not in copies:
+            moved = moves(prop, vid, want, w.cache)
+            if not moved and vid in fused:
+                continue  # a local slice of a fused value fuses too
+            root = alias.get(vid, vid)
+            if not moved and root in generated_values:
+                sliced[root] = max(sliced.get(root, 0), w.size(vid, want))
+                continue
+            copies[key] = [w.size(vid, want), 0, 0]
+            increment[position[n]] += 1
+            made.append((n, root, key))
+        copy_reads.append((key, n, k))
+    step_of_node = np.cumsum(increment)
+    last = int(step_of_node[-1]) if len(step_of_node) else 0
+    step = np.zeros(len(ops), dtype=np.int64)
+    step[op_nodes] = step_of_node[is_op]
+
+    last_read = np.full(n_values, -1, dtype=np.int64)
+    count: dict[int, int] = {}  # op -> copies made before it
+    places = []  # each copy's place among its op's, from 0
+    for n, _, _ in made:
+        places.append(count.get(n, 0))
+        count[n] = places[-1] + 1
+    for (n, root, key), place in zip(made, places, strict=True):
+        at = int(step[n]) - count[n] + place  # one step each, just before the op
+        copies[key][1] = copies[key][2] = at
+        if last_read[root] < at:
+            last_read[root] = at
+    via_copy = np.zeros(len(a.in_value), dtype=bool)
+    for key, n, k in copy_reads:
+        via_copy[a.in_ptr[n] + k] = True
+        at = int(step[n])
+        if copies[key][2] < at:
+            copies[key][2] = at
+
+    # Reads as stored: of a buffer (through its alias), or of a fused value (settled below).
+    is_fused = np.zeros(n_values, dtype=bool)
+    if fused:
+        is_fused[np.fromiter(fused, np.int64, len(fused))] = True
+    root_of = np.arange(n_values, dtype=np.int64)
+    if alias:
+        root_of[np.fromiter(alias.keys(), np.int64, len(alias))] = np.fromiter(
+            alias.values(), np.int64, len(alias)
+        )
+    read = a.in_live & ~via_copy
+    of_fused = is_fused[a.in_value]
+    plain = read & ~of_fused
+    at_edge = step[a.in_op]
+    roots = root_of[a.in_value[plain]]
+    np.maximum.at(last_read, roots, at_edge[plain])
+    fused_read = np.full(n_values, -1, dtype=np.int64)
+    into_fused = read & of_fused
+    np.maximum.at(fused_read, a.in_value[into_fused], at_edge[into_fused])
+    # A generated value some op reads whole (as stored) is made whole (`_Walk.full`).
+    full: dict[int, int] = {}
+    reads_generated = a.generated[roots]
+    if reads_generated.any():
+        decisions = prop.ops
+        for e in np.flatnonzero(plain)[reads_generated].tolist():
+            n = int(a.in_op[e])
+            decided = decisions[n]
+            want = decided.operands[e - int(a.in_ptr[n])] if decided is not None else None
+            vid = int(a.in_value[e])
+            if want is not None and want.dims == shardings[vid].dims:
+                root = int(root_of[vid])
+                full[root] = max(full.get(root, 0), int(step[n]))
+
+    written = np.full(n_values, -1, dtype=np.int64)
+    written[a.out_value] = step[a.out_op]
+    delta = np.zeros(last + 2, dtype=np.int64)
+    # Pending sums: written at their op's step into a buffer of the layout written, until the
+    # collective that resolves them; the value is written then.
+    pending: dict[int, tuple[int, int]] = {}
+    resolutions = w.resolutions
+    for n in w.resolving:
+        for vid in ops[n].outputs:
+            r = resolutions.get(vid)
+            if r is not None:
+                pending[vid] = (int(step[n]), w.size(vid, Sharding(r.produced.dims)))
+    pointer_bytes = w.compiler.pointer_bytes
+    for p in np.flatnonzero(~is_op).tolist():
+        group = groups[-1 - nodes[p]]
+        at = int(step_of_node[p])
+        if len(group) > 1:  # a tuple-shaped collective: its table of pointers
+            delta[at] += pointer_bytes * len(group)
+            delta[at + 1] -= pointer_bytes * len(group)
+        for r in group:
+            first, b = pending.pop(r.value)
+            delta[first] += b
+            delta[at + 1] -= b
+            written[r.value] = at
+    for n, subs in prop.bodies.items():  # a loop or branch: its body's own peak while it runs
+        if subs and n in g.live_ops:
+            inner = max(w.body_peak(sub) for sub in subs)
+            delta[step[n]] += inner
+            delta[step[n] + 1] -= inner
+
+    # A fused value read at step t keeps its producer's operands live until t, through those
+    # fused themselves: rounds over the values whose last read moved in the round before.
+    src_ptr, src_value = a.src_ptr, a.src_value
+    front = np.flatnonzero(fused_read >= 0)
+    while front.size:
+        starts = src_ptr[front]
+        counts = src_ptr[front + 1] - starts
+        total = int(counts.sum())
+        if not total:
+            break
+        offsets = np.cumsum(counts) - counts
+        sources = src_value[np.repeat(starts - offsets, counts) + np.arange(total)]
+        times = np.repeat(fused_read[front], counts)
+        inner = is_fused[sources]
+        np.maximum.at(last_read, root_of[sources[~inner]], times[~inner])
+        was = fused_read.copy()
+        np.maximum.at(fused_read, sources[inner], times[inner])
+        front = np.flatnonzero(fused_read > was)
+    last_read[np.fromiter(w.returned, np.int64, len(w.returned))] = last  # read as the step returns
+
+    for b, first, end in copies.values():
+        delta[first] += b
+        delta[end + 1] -= b
+    own = np.ones(n_values, dtype=bool)
+    if unbuffered:
+        own[np.fromiter(unbuffered, np.int64, len(unbuffered))] = False
+    vids = np.flatnonzero((written >= 0) & own & (last_read >= 0))
+    listed = vids.tolist()
+    # Sizes as `_Walk.size` keeps them, looked up at C speed; those not kept yet worked out.
+    tables = list(map(w.sizes.__getitem__, listed))
+    if None in tables:  # (no cache: a table per value, made as it is first sized)
+        sizes = [w.size(v, shardings[v]) for v in listed]
+    else:
+        sizes = list(map(dict.get, tables, map(shardings.__getitem__, listed)))
+    ends = last_read[vids]
+    if sliced:  # a generated value made at the size its readers read, unless one reads it whole
+        for i, v in enumerate(listed):
+            if v in sliced:
+                if v in full:
+                    sizes[i], ends[i] = w.size(v, shardings[v]), full[v]
+                else:
+                    sizes[i] = sliced[v]
+    if None in sizes:
+        for i, b in enumerate(sizes):
+            if b is None:
+                sizes[i] = w.size(listed[i], shardings[listed[i]])
+    nbytes = np.array(sizes, dtype=np.int64)
+    starts = written[vids]
+    np.add.at(delta, starts, nbytes)
+    np.add.at(delta, np.maximum(ends, starts) + 1, -nbytes)
+    return delta, last
