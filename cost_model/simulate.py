@@ -192,6 +192,7 @@ class Simulator:
             + len(t.sources)
             + len(t.steps)
             + len(t.steps_by_fusion)
+            + len(t.resharded)
             + len(t.runs)
         )
 
