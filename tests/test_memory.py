@@ -381,6 +381,7 @@ def test_the_walk_over_arrays_gives_the_op_by_op_walks_bytes_at_every_step(sourc
         return found
 
     monkeypatch.setattr(liveness, "walk_peak", counted)
+    monkeypatch.setattr(walk_arrays, "MIN_OPS", 0)  # loop bodies and small graphs too
     g = trace(resolve(source))
     rng = random.Random(0)
     for axes in ("data=2,model=4", "data=2,fsdp=2,model=2"):
