@@ -299,7 +299,7 @@ def _buffers(
     w.sliced = _loop_slices(prop, scans, cache)
     if peak_only and (steps is None or all(hit[4] is None for hit in steps)):
         # Nothing worked out per part: the whole walk over arrays, where the compiler allows.
-        found = walk_peak(w, nodes, groups, unbuffered, cache.resharded if cache is not None else {})
+        found = walk_peak(w, order, nodes, groups, unbuffered, cache.resharded if cache is not None else {})
         if found is not None:
             return found
     written, last_read, out = w.written, w.last_read, w.out

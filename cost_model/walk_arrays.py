@@ -16,10 +16,12 @@ collectives, and numpy over every read and write:
   what the span reads: found once per (decisions, layouts), so the 32 layers of an unrolled model,
   decided alike, are looked at once.
 
-Compilers whose choices act on single steps (XLA:CPU: library reductions, copies of donated
-inputs, breadth-first stacked outputs, reduce-scatters lowered as all-reduces) and graphs of fewer
-than `MIN_OPS` live ops (a loop body) are walked op by op (`walk_peak` returns None).
-tests/test_memory.py checks that both walks give the same bytes at every step.
+XLA:CPU's choices are kept: a library reduction reading a slice of a fused value gets the slice
+written, a breadth-first schedule makes a scan's stacked outputs first, a reduce-scatter is an
+all-reduce and a slice one step on, donated inputs read off their update path are copied
+(`compiler.donated_copies`). Graphs of fewer than `MIN_OPS` live ops (a loop body) are walked op
+by op (`walk_peak` returns None). tests/test_memory.py checks that both walks give the same bytes
+at every step.
 """
 
 from __future__ import annotations
@@ -28,10 +30,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from cost_model.compiler import Compiler, Resolution
+from cost_model.compiler import Resolution, donated_copies
 from cost_model.fusion import generated
 from cost_model.part_steps import live_spans, moves
-from ir.graph import Graph
+from ir.comm import CollectiveKind
+from ir.graph import Graph, Op
 from ir.sharding import Sharding
 
 if TYPE_CHECKING:
@@ -43,16 +46,6 @@ if TYPE_CHECKING:
 # 700 us; tiny Llama, 905 ops, 7.7 -> 7.3 ms; tiny BERT, 1,380 ops, 11.8 -> 11.0 ms; unrolled
 # Llama-8B, 14,323 ops, walk and settling 23 -> 9 ms).
 MIN_OPS = 1000
-
-
-def supports(compiler: Compiler) -> bool:
-    """Whether `walk_peak` models this compiler (else the walk goes op by op)."""
-    return not (
-        compiler.library_reduce_elements
-        or compiler.copies_donated_inputs
-        or compiler.breadth_first
-        or compiler.reduce_scatter_as_all_reduce
-    )
 
 
 class _Arrays:
@@ -75,6 +68,12 @@ class _Arrays:
         made = [(op.id, v) for op in ops if live[op.id] for v in op.outputs]
         self.out_op = np.array([n for n, _ in made], dtype=np.int64)
         self.out_value = np.array([v for _, v in made], dtype=np.int64)
+        # Per live scan, its stacked outputs (made first by a breadth-first schedule).
+        self.stacked = [
+            (op.id, list(op.outputs[op.params["num_carry"] :]))
+            for op in ops
+            if live[op.id] and op.primitive == "scan"
+        ]
         self.generated = np.zeros(n_values, dtype=bool)
         self.generated[sorted(generated(g))] = True
         # Per value made by an op with one result, that op's operands (as `settle_fused` reads).
@@ -141,18 +140,20 @@ def _resharded(w: _Walk, a: _Arrays, memo: dict) -> list[tuple[int, int, int, Sh
 
 def walk_peak(
     w: _Walk,
+    order: list[Op],
     nodes: list[int],
     groups: list[list[Resolution]],
     unbuffered: frozenset[int] | set[int],
     memo: dict,
 ) -> tuple[np.ndarray, int] | None:
     """(per step 0..last + 1, the bytes it adds to those live; the last step) of walking `nodes`
-    (as `_Walk.walk` numbers steps) and settling the fused reads, as `liveness._buffers` counts
-    them with `peak_only`; None where this compiler or schedule is walked op by op. `memo`: the
-    operands read resharded by span (see `_resharded`), kept across walks of one graph."""
+    (as `_Walk.walk` numbers steps; `order` the live ops in program order) and settling the fused
+    reads, as `liveness._buffers` counts them with `peak_only`; None where the graph is walked op
+    by op. `memo`: the operands read resharded by span (see `_resharded`), kept across walks of
+    one graph."""
     prop = w.prop
     g = prop.graph
-    if not supports(w.compiler) or len(g.live_ops) < MIN_OPS:
+    if len(g.live_ops) < MIN_OPS:
         return None
     ops = g.ops
     a: _Arrays = g.derived("walk_arrays", _Arrays)
@@ -174,14 +175,20 @@ def walk_peak(
     increment = np.ones(len(node), dtype=np.int64)
     copies: dict[tuple, list] = {}  # (value, dims) -> [bytes, first step, last step]
     made = []  # (op, buffer copied, key) of each copy made, in order
-    copy_reads = []  # (key, op, operand position)
+    copy_reads: list[tuple] = []  # (key, op, operand position)
     sliced, generated_values = w.sliced, w.generated
+    library = w.library
+    written_slices = []  # (key, value): a slice of a fused value its producer writes
     for n, k, vid, want in resharded:
         key = (vid, want.dims)
         if key not in copies:
             moved = moves(prop, vid, want, w.cache)
             if not moved and vid in fused:
-                continue  # a local slice of a fused value fuses too
+                if n in library:  # a library reads the slice: the value's producer writes it
+                    copies[key] = [w.size(vid, want), 0, 0]
+                    written_slices.append((key, vid))
+                    copy_reads.append((key, n, k))
+                continue  # else a local slice of a fused value fuses too
             root = alias.get(vid, vid)
             if not moved and root in generated_values:
                 sliced[root] = max(sliced.get(root, 0), w.size(vid, want))
@@ -190,6 +197,15 @@ def walk_peak(
             increment[position[n]] += 1
             made.append((n, root, key))
         copy_reads.append((key, n, k))
+    # A reduce-scatter lowered as an all-reduce: the slice one step after the collective.
+    as_all_reduce = {}
+    if w.compiler.reduce_scatter_as_all_reduce:
+        for p in np.flatnonzero(~is_op).tolist():
+            group = groups[-1 - nodes[p]]
+            found = [r for r in group if r.key and r.collectives[0].kind is CollectiveKind.REDUCE_SCATTER]
+            if found:
+                as_all_reduce[p] = found
+                increment[p] += 1
     step_of_node = np.cumsum(increment)
     last = int(step_of_node[-1]) if len(step_of_node) else 0
     step = np.zeros(len(ops), dtype=np.int64)
@@ -206,6 +222,13 @@ def walk_peak(
         copies[key][1] = copies[key][2] = at
         if last_read[root] < at:
             last_read[root] = at
+    written = np.full(n_values, -1, dtype=np.int64)
+    written[a.out_value] = step[a.out_op]
+    if w.compiler.breadth_first:
+        for _, stacked in a.stacked:
+            written[stacked] = 1
+    for key, vid in written_slices:
+        copies[key][1] = copies[key][2] = int(written[vid])
     via_copy = np.zeros(len(a.in_value), dtype=bool)
     for key, n, k in copy_reads:
         via_copy[a.in_ptr[n] + k] = True
@@ -245,8 +268,6 @@ def walk_peak(
                 root = int(root_of[vid])
                 full[root] = max(full.get(root, 0), int(step[n]))
 
-    written = np.full(n_values, -1, dtype=np.int64)
-    written[a.out_value] = step[a.out_op]
     delta = np.zeros(last + 2, dtype=np.int64)
     # Pending sums: written at their op's step into a buffer of the layout written, until the
     # collective that resolves them; the value is written then.
@@ -260,7 +281,8 @@ def walk_peak(
     pointer_bytes = w.compiler.pointer_bytes
     for p in np.flatnonzero(~is_op).tolist():
         group = groups[-1 - nodes[p]]
-        at = int(step_of_node[p])
+        reduced = as_all_reduce.get(p, ())
+        at = int(step_of_node[p]) - bool(reduced)
         if len(group) > 1:  # a tuple-shaped collective: its table of pointers
             delta[at] += pointer_bytes * len(group)
             delta[at + 1] -= pointer_bytes * len(group)
@@ -269,6 +291,11 @@ def walk_peak(
             delta[first] += b
             delta[at + 1] -= b
             written[r.value] = at
+        for r in reduced:  # the full sum, then this device's slice
+            full_sum = w.size(r.value, Sharding(r.produced.dims))
+            delta[at] += full_sum
+            delta[at + 2] -= full_sum
+            written[r.value] = at + 1
     for n, subs in prop.bodies.items():  # a loop or branch: its body's own peak while it runs
         if subs and n in g.live_ops:
             inner = max(w.body_peak(sub) for sub in subs)
@@ -295,6 +322,10 @@ def walk_peak(
         front = np.flatnonzero(fused_read > was)
     last_read[np.fromiter(w.returned, np.int64, len(w.returned))] = last  # read as the step returns
 
+    if w.compiler.copies_donated_inputs:
+        for _, b, first, end in donated_copies(prop, order, groups, alias, step.tolist(), w.size):
+            delta[first] += b
+            delta[end + 1] -= b
     for b, first, end in copies.values():
         delta[first] += b
         delta[end + 1] -= b

@@ -359,15 +359,17 @@ def test_combiner_groups_match_rescanning_every_candidate_left():
     assert merged  # (some groups merge several)
 
 
+@pytest.mark.parametrize("compiler_", [XLA_GPU, XLA_CPU], ids=["gpu", "cpu"])
 @pytest.mark.parametrize(
     "source", ["builtin:gpt:tiny", "builtin:llama:tiny", "builtin:llama:tiny:scan", "builtin:moe:tiny"]
 )
-def test_the_walk_over_arrays_gives_the_op_by_op_walks_bytes_at_every_step(source, monkeypatch):
-    # Under XLA:GPU a peak with no part's steps worked out comes from cost_model.walk_arrays; the
-    # timeline (walked op by op) is the reference: the bytes live at every step are the same.
-    # Expert plans and random plans of the search space on 2x4 and 2x2x2, propagated with a
-    # part cache (the layers of the unrolled Llama share their resharded reads) and without;
-    # loop bodies included.
+def test_the_walk_over_arrays_gives_the_op_by_op_walks_bytes_at_every_step(source, compiler_, monkeypatch):
+    # A peak with no part's steps worked out comes from cost_model.walk_arrays; the timeline
+    # (walked op by op) is the reference: the bytes live at every step are the same, under
+    # XLA:GPU and XLA:CPU (library slices, stacked outputs made first, reduce-scatters as
+    # all-reduces, donated copies). Expert plans and random plans of the search space on 2x4 and
+    # 2x2x2, propagated with a part cache (the layers of the unrolled Llama share their resharded
+    # reads) and without; loop bodies included.
     from cost_model import liveness, walk_arrays
     from ir.spans import PropagationCache
     from search.space import build_space
@@ -396,13 +398,12 @@ def test_the_walk_over_arrays_gives_the_op_by_op_walks_bytes_at_every_step(sourc
                 outputs = {k: inputs[a] for k, a in enumerate(g.output_alias) if a >= 0 and a in inputs}
                 prop = propagate(g, mesh, inputs, outputs=outputs, cache=parts)
                 cache = liveness.TimelineCache()
-                delta, last = liveness._buffers(prop, XLA_GPU, cache, peak_only=True)
+                delta, last = liveness._buffers(prop, compiler_, cache, peak_only=True)
                 assert isinstance(delta, np.ndarray)
                 reference = np.zeros(last + 2, dtype=np.int64)
-                for b in liveness.timeline(prop, XLA_GPU, cache):
+                for b in liveness.timeline(prop, compiler_, cache):
                     reference[b.start] += b.bytes
                     reference[b.end + 1] -= b.bytes
                 np.testing.assert_array_equal(np.cumsum(delta), np.cumsum(reference))
-                assert liveness.temp_peak(prop, XLA_GPU) == peak(liveness.timeline(prop, XLA_GPU))[0]
+                assert liveness.temp_peak(prop, compiler_) == peak(liveness.timeline(prop, compiler_))[0]
     assert calls and all(calls)
-    assert not walk_arrays.supports(XLA_CPU)
