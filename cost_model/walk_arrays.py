@@ -32,10 +32,11 @@ import numpy as np
 
 from cost_model.compiler import Resolution, donated_copies
 from cost_model.fusion import generated
-from cost_model.part_steps import live_spans, moves
+from cost_model.part_steps import moves
 from ir.comm import CollectiveKind
 from ir.graph import Graph, Op
 from ir.sharding import Sharding
+from ir.spans import spans_of
 
 if TYPE_CHECKING:
     from cost_model.liveness import _Walk
@@ -83,13 +84,15 @@ class _Arrays:
             per[v] = len(ins)
         self.src_ptr = np.concatenate([[0], np.cumsum(per)]).astype(np.int64)
         self.src_value = np.array([u for v in range(n_values) for u in by_value.get(v, ())], dtype=np.int64)
-        # Per span (`live_spans`): its first op, and its live ops' operands as (op, position).
-        spans, _ = live_spans(g)
+        # Per span (`ir.spans.spans_of`, as propagation cuts them): its ops (start, stop), and its
+        # live ops' operands as (op, position) and as values.
         self.spans = []
-        for ids in spans:
-            reads = tuple((n, k) for n in ids for k in range(len(ops[n].inputs)))
+        for span in spans_of(g):
+            reads = tuple(
+                (n, k) for n in range(span.start, span.stop) if live[n] for k in range(len(ops[n].inputs))
+            )
             values = [ops[n].inputs[k] for n, k in reads]
-            self.spans.append((ids[0] if ids else -1, reads, values))
+            self.spans.append((span.start, span.stop, reads, values))
 
 
 def _resharded(w: _Walk, a: _Arrays, memo: dict) -> list[tuple[int, int, int, Sharding]]:
@@ -103,12 +106,11 @@ def _resharded(w: _Walk, a: _Arrays, memo: dict) -> list[tuple[int, int, int, Sh
     out = []
     parts = prop.parts
     if len(parts) == len(a.spans):
-        for part, (first, reads, values) in zip(parts, a.spans, strict=True):
+        for part, (start, stop, reads, values) in zip(parts, a.spans, strict=True):
+            if part.span.start != start or part.span.stop != stop:
+                break  # not the graph's spans: op by op, below
             if not reads:
                 continue
-            start = part.span.start
-            if first < start or first >= part.span.stop:
-                break  # not the graph's spans: op by op, below
             have = tuple(map(shardings.__getitem__, values))
             key = (id(part.ops), have)
             hit = memo.get(key)

@@ -400,6 +400,7 @@ def test_the_walk_over_arrays_gives_the_op_by_op_walks_bytes_at_every_step(sourc
                 cache = liveness.TimelineCache()
                 delta, last = liveness._buffers(prop, compiler_, cache, peak_only=True)
                 assert isinstance(delta, np.ndarray)
+                assert bool(cache.resharded) == bool(prop.parts)  # found by span where parts are
                 reference = np.zeros(last + 2, dtype=np.int64)
                 for b in liveness.timeline(prop, compiler_, cache):
                     reference[b.start] += b.bytes
