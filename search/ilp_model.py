@@ -30,6 +30,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
+from cost_model.compiler import compiler_for
 from cost_model.compute import fused_values
 from cost_model.meshes import MeshTopology
 from ir.factors import tensor_dims
@@ -143,17 +144,18 @@ class Builder(SumResolution):
             )
             self.nodes[idx].sample = self.samples[:, d.id]
             decision_nodes.append(idx)
-        liveness = Liveness(g, self.mesh)
+        compiler = compiler_for(self.prices.topo.hardware.name)
+        liveness = self.liveness = Liveness(g, self.mesh, compiler, self.intern, self.nodes)
         env = self._inputs(decision_nodes, liveness)
         batch = frozenset(i for i in g.inputs if g.values[i].role is Role.BATCH)
-        src = self._graph(g, env, 1, batch, liveness)
+        src = self._graph(g, env, 1, batch)
         alias = g.output_alias or (-1,) * len(g.outputs)
         for k, vid in enumerate(g.outputs):
             # An output that updates an input is returned sharded like it; the evaluator leaves
             # one whose input is replicated as propagation made it.
             want = env.get(alias[k]) if alias[k] >= 0 else None
             self._read(g, vid, src[vid], want, 1, replicated_free=True)
-        memory = liveness.points(self.nodes, self._as_written(g, src), env, memory_points)
+        memory = liveness.points(self.nodes, env, memory_points)
         return Model(
             self.nodes, self.combos, self.edges, memory, tuple(decision_nodes), self.n_ops, self.exact
         )
@@ -233,24 +235,27 @@ class Builder(SumResolution):
 
     # -- one graph --------------------------------------------------------------------------------
 
-    def _graph(self, g: Graph, env: Mapping[int, Source], mult: int, batch, liveness) -> dict[int, Source]:
+    def _graph(self, g: Graph, env: Mapping[int, Source], mult: int, batch) -> dict[int, Source]:
         src: dict[int, Source] = dict(env)
         for v in g.values:
             if v.id not in src and v.id not in g.producer:
                 src[v.id] = self._const(Sharding.replicated(v.rank))
         batch = set(batch)
         fused = fused_values(g)
-        for op in g.ops:
+        timeline = self.liveness.timeline(g)
+        for position, op in enumerate(g.ops):
             check_deadline(self.deadline, "building the model")
+            timeline.here = 2 * position  # where reads happen (search.ilp_memory's positions)
             if any(i in batch for i in op.inputs):
                 batch.update(op.outputs)
             self.n_ops += 1
             if op.primitive == "scan":
-                self._scan(g, op, src, mult, batch, liveness)
+                self._scan(g, op, src, mult, batch)
             elif op.primitive == "cond":
                 self._cond(g, op, src, mult, batch)
             elif op.rule is not None:
                 self._op(g, op, src, mult, batch, fused)
+        self.liveness.finish(g, src, self._as_written(g, src))
         return src
 
     def _op(self, g: Graph, op: Op, src: dict[int, Source], mult: int, batch, fused) -> None:
@@ -412,6 +417,9 @@ class Builder(SumResolution):
             vid = op.inputs[k]
             have = self._as_read(g, vid, operands[k])
             wants = self._wants(rule, strategies, k)
+            self.liveness.read_pairs(
+                g, vid, (vid, self._fingerprint(_target(idx, wants))), have, wants, a, b, table
+            )
             if self._repeated(g, vid, have, _target(idx, wants)):
                 continue
             m = self.prices.matrix(g, vid, have, wants)  # [n_have, n_strategies, P]
@@ -522,7 +530,7 @@ class Builder(SumResolution):
 
     # -- structure --------------------------------------------------------------------------------
 
-    def _scan(self, g: Graph, op: Op, src: dict[int, Source], mult: int, batch, liveness) -> None:
+    def _scan(self, g: Graph, op: Op, src: dict[int, Source], mult: int, batch) -> None:
         body = op.body[0]
         nc, nk = op.params["num_consts"], op.params["num_carry"]
         trips = mult * op.trip_count
@@ -539,7 +547,8 @@ class Builder(SumResolution):
             if vid in batch:
                 body_batch.add(bid)
         self._stacked[id(body)] = self._stacked_targets(g, op, src)
-        inner = self._graph(body, env, trips, body_batch, None)
+        inner = self._graph(body, env, trips, body_batch)
+        self.liveness.runs(g, op, body)
         for j, vid in enumerate(body.outputs):
             # The carry comes back as it went in; stacked outputs resolve their sums.
             self._read(body, vid, inner[vid], env[body.inputs[nc + j]] if j < nk else None, trips)
@@ -549,8 +558,6 @@ class Builder(SumResolution):
             else:
                 s = inner[body.outputs[j]].resolved()
                 src[vid] = Source(s.node, tuple(Sharding(((), *sh.dims)) for sh in s.shardings), s.groups)
-        if liveness is not None:
-            liveness.body(op, body, self._as_written(body, inner))
 
     def _cond(self, g: Graph, op: Op, src: dict[int, Source], mult: int, batch) -> None:
         self._resolve(g, op.inputs[0], src, mult)
@@ -560,7 +567,8 @@ class Builder(SumResolution):
                 b: self._resolve(g, v, src, mult) for v, b in zip(op.inputs[1:], branch.inputs, strict=True)
             }
             branch_batch = {b for v, b in zip(op.inputs[1:], branch.inputs, strict=True) if v in batch}
-            inner = self._graph(branch, env, mult, branch_batch, None)
+            inner = self._graph(branch, env, mult, branch_batch)
+            self.liveness.runs(g, op, branch)
             if outs is None:
                 outs = [inner[v].resolved() for v in branch.outputs]
             for j, v in enumerate(branch.outputs):
@@ -596,6 +604,8 @@ class Builder(SumResolution):
             want = have.resolved()
             if want is have:
                 return
+        elif not replicated_free:  # (an output's layout is its own buffer's)
+            self.liveness.read(g, vid, (vid, self._fingerprint(want)), have, want)
         if self._repeated(g, vid, have, want):
             return
         m = self.prices.matrix(

@@ -117,11 +117,14 @@ class Source:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class MemoryPoint:
-    """Per-device bytes live at one program point: `const` plus, per node, bytes per strategy."""
+    """Per-device bytes live at one program point: `const` plus, per node, bytes per strategy, plus,
+    per pair of nodes (i, j), bytes per pair of their strategies ([n_i, n_j]: a value's copy in
+    the layout its reader reads it in)."""
 
     where: str
     const: float
     terms: Mapping[int, np.ndarray]
+    pairs: Mapping[tuple[int, int], np.ndarray] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(eq=False)
@@ -238,6 +241,8 @@ class Model:
             row = np.full(len(chosen), pt.const)
             for k, b in pt.terms.items():
                 row += b[chosen[:, k]]
+            for (i, j), b in pt.pairs.items():
+                row += b[chosen[:, i], chosen[:, j]]
             memory = np.maximum(memory, row)
         return step_times(parts), memory
 

@@ -134,17 +134,19 @@ class Program:
 
         self.rows = []
         largest = max(
-            (pt.const + sum(float(b.max()) for b in pt.terms.values()) for pt in model.memory), default=1.0
+            (
+                pt.const + sum(float(b.max()) for b in (*pt.terms.values(), *pt.pairs.values()))
+                for pt in model.memory
+            ),
+            default=1.0,
         )
         self.mem_unit = max(1.0, min(capacity, largest) / _SCALE)
         self.min_memory = 0.0
         for pt in model.memory:
-            terms = [round(pt.const / self.mem_unit)]
-            for k, b in pt.terms.items():
-                weights = np.rint(b / self.mem_unit).astype(np.int64)
-                terms += [int(weights[s]) * self.x[k][s] for s in np.flatnonzero(weights)]
-            self.min_memory = max(self.min_memory, pt.const + sum(float(b.min()) for b in pt.terms.values()))
-            self.rows.append(sum(terms))
+            check_deadline(deadline, "building the CP-SAT program")
+            self.rows.append(self._memory_row(pt, hints))
+            low = pt.const + sum(float(b.min()) for b in (*pt.terms.values(), *pt.pairs.values()))
+            self.min_memory = max(self.min_memory, low)
         # One literal per bound the rows were given (set_capacity): the active one is fixed true.
         self._levels: dict[int, object] = {}
         self.set_capacity(capacity)
@@ -173,6 +175,32 @@ class Program:
         for p in Part:
             for s in np.flatnonzero(weights[:, p]):
                 parts[p].append(int(weights[s, p]) * variables[s])
+
+    def _memory_row(self, pt, hints) -> object:
+        """The bytes live at one memory point, in `mem_unit`s. A pair term's bytes go on its nodes
+        as far as they are a sum of a part per strategy of each (the copy a layout needs whatever
+        the other node does), the rest on the pair's booleans."""
+        per_node = {k: b.astype(np.float64) for k, b in pt.terms.items()}
+        pair_rest = []
+        for (i, j), m in pt.pairs.items():
+            rows = m.min(axis=1)
+            rest = m - rows[:, None]
+            cols = rest.min(axis=0)
+            rest = rest - cols[None, :]
+            per_node[i] = per_node[i] + rows if i in per_node else rows
+            per_node[j] = per_node[j] + cols if j in per_node else cols
+            if np.rint(rest / self.mem_unit).any():
+                pair_rest.append((i, j, rest))
+        terms = [round(pt.const / self.mem_unit)]
+        for k, b in per_node.items():
+            weights = np.rint(b / self.mem_unit).astype(np.int64)
+            terms += [int(weights[s]) * self.x[k][s] for s in np.flatnonzero(weights)]
+        for i, j, rest in pair_rest:
+            for (a, b), var in self._pairs(i, j, hints).items():
+                w = int(np.rint(rest[a, b] / self.mem_unit))
+                if w:
+                    terms.append(w * var)
+        return sum(terms)
 
     def _pairs(self, i: int, j: int, hints) -> dict[tuple[int, int], object]:
         """Pair booleans c[(a, b)] = x_i[a] ∧ x_j[b] of nodes i and j (made once per pair of nodes),

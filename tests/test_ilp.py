@@ -147,10 +147,10 @@ def test_model_prices_plans_like_the_simulator(graphs, hardware, src):
         # The model reads resharding and compute off the same rules; it counts FLOPs as traced,
         # not as XLA fuses them, and it charges a gather once per reading node.
         assert predicted.step_time == pytest.approx(simulated.step_time, rel=0.1), a
-        # Its memory rows hold no resharded copies (a gathered weight): measured worst, 0.64x the
-        # simulator's peak on GPT's everything-on-both-axes plan, whose gathered weights are a
-        # third of its temporaries at tiny size.
-        assert predicted.memory == pytest.approx(simulated.memory, rel=0.4), a
+        # Its memory rows follow the simulator's buffers (search.ilp_memory; it was 0.64x with no
+        # resharded copies). Measured worst 0.84x: MLP's plan whose forward gather of a weight and
+        # the optimizer's read of it are one copy, which in most plans they are not.
+        assert predicted.memory == pytest.approx(simulated.memory, rel=0.2), a
         # The program's linear form prices the plan as the model does.
         assert _priced(model, space, a) == pytest.approx(predicted.step_time, rel=1e-5), a
 
