@@ -35,6 +35,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from cost_model import walk_arrays
 from cost_model.compiler import (
     XLA_CPU,
     Compiler,
@@ -297,8 +298,9 @@ def _buffers(
         _, groups, resolving, nodes = hit
     w.resolving = resolving
     w.sliced = _loop_slices(prop, scans, cache)
-    if peak_only and (steps is None or all(hit[4] is None for hit in steps)):
-        # Nothing worked out per part: the whole walk over arrays, where the compiler allows.
+    big = len(g.live_ops) >= walk_arrays.MIN_OPS
+    if peak_only and big and (steps is None or all(hit[4] is None for hit in steps)):
+        # Nothing worked out per part, and a graph big enough: the whole walk over arrays.
         found = walk_peak(w, order, nodes, groups, unbuffered, cache.resharded if cache is not None else {})
         if found is not None:
             return found
