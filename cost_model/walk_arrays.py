@@ -128,7 +128,7 @@ def _resharded(w: _Walk, a: _Arrays, memo: dict) -> list[tuple[int, int, int, Sh
         else:
             return out
         out.clear()
-    for n in sorted(prop.graph.live_ops):
+    for n in prop.graph.live_ops:  # (any order: `walk_peak` sorts them by schedule)
         decided = decisions[n]
         if decided is None:
             continue
@@ -274,12 +274,9 @@ def walk_peak(
     # Pending sums: written at their op's step into a buffer of the layout written, until the
     # collective that resolves them; the value is written then.
     pending: dict[int, tuple[int, int]] = {}
-    resolutions = w.resolutions
-    for n in w.resolving:
-        for vid in ops[n].outputs:
-            r = resolutions.get(vid)
-            if r is not None:
-                pending[vid] = (int(step[n]), w.size(vid, Sharding(r.produced.dims)))
+    producer = g.producer
+    for vid, r in w.resolutions.items():
+        pending[vid] = (int(step[producer[vid]]), w.size(vid, Sharding(r.produced.dims)))
     pointer_bytes = w.compiler.pointer_bytes
     for p in np.flatnonzero(~is_op).tolist():
         group = groups[-1 - nodes[p]]
