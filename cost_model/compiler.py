@@ -353,12 +353,18 @@ def _program_order(g: Graph, order: list[Op], groups: list[list[Resolution]]) ->
                     if not pending[u]:
                         heapq.heappush(heap, (rank[u] if u < 0 else 2 * position[u], u))
 
+    def wait(n: int, p: int) -> None:  # n waits for p nodes
+        pending[n] = p
+        waiting.add(n)
+        if n >= 0:  # the ops that read it may wait in turn: looked at one by one
+            for u in op_users.get(n, no_users):
+                heapq.heappush(watch, position[u])
+
     def take(n: int) -> None:  # a collective, or an op that reads one
         # What it waits for: ops reached before it that wait, collectives not run.
         p = sum(1 for d in deps[n] if d in waiting or (d < 0 and d not in collected))
         if p:
-            pending[n] = p
-            waiting.add(n)
+            wait(n, p)
             return
         run(n)
         while heap:
@@ -366,21 +372,27 @@ def _program_order(g: Graph, order: list[Op], groups: list[list[Resolution]]) ->
             waiting.discard(m)
             run(m)
 
-    # The positions of the ops that read a collective (then the end): while nothing waits, the
-    # ops up to the next of them or the next collective's rank run as they come, in one go.
+    # The positions of the ops that read a collective (then the end): the ops up to the next of
+    # them or the next collective's rank run as they come, in one go, but for those that read
+    # an op that waits (`watch`: the positions of the readers of every op that came to wait).
     stops = sorted([position[n] for n in deps if n >= 0])
     stops.append(len(ids))
+    watch: list[int] = []
     s = k = i = 0
     next_rank = rank[ranked[0]] if ranked else -1
     while i < len(ids):
-        if not waiting:
-            while stops[s] < i:
-                s += 1
-            stop = stops[s] if next_rank < 0 else min(stops[s], next_rank // 2 + 1)
-            if stop > i:
-                out += ids[i:stop]
-                i = stop
-                continue
+        while stops[s] < i:
+            s += 1
+        stop = stops[s] if next_rank < 0 else min(stops[s], next_rank // 2 + 1)
+        if waiting:
+            while watch and watch[0] < i:
+                heapq.heappop(watch)
+            if watch and watch[0] < stop:
+                stop = watch[0]
+        if stop > i:
+            out += ids[i:stop]
+            i = stop
+            continue
         n = ids[i]
         if 0 <= next_rank < 2 * i:  # (i: the op's position)
             while k < len(ranked) and rank[ranked[k]] < 2 * i:
@@ -394,8 +406,7 @@ def _program_order(g: Graph, order: list[Op], groups: list[list[Resolution]]) ->
             # ranked after it), so it readies nothing waiting and the heap stays empty.
             out.append(n)
         else:  # it waits for ops that wait
-            pending[n] = len(waiting.intersection(op_deps[n]))
-            waiting.add(n)
+            wait(n, len(waiting.intersection(op_deps[n])))
         i += 1
     for n in ranked[k:]:
         take(n)

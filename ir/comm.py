@@ -49,17 +49,33 @@ class Collective:
         cls, kind: CollectiveKind, axes: tuple[str, ...], bytes: int, value: str = "", count: int = 1
     ):
         key = (kind, axes, bytes, value, count)
-        hit = _INTERNED.get(key)
-        if hit is None:
-            made = object.__new__(cls)
-            object.__setattr__(made, "kind", kind)
-            object.__setattr__(made, "axes", axes)
-            object.__setattr__(made, "bytes", bytes)
-            object.__setattr__(made, "value", value)
-            object.__setattr__(made, "count", count)
-            with _INTERNING:  # a weak table's setdefault is not one step: two threads, one object
-                hit = _INTERNED.setdefault(key, made)
-        return hit
+        ref = _INTERNED.get(key)
+        if ref is not None:
+            hit = ref()
+            if hit is not None:
+                return hit
+        made = object.__new__(cls)
+        # (the slots' own setters: a frozen dataclass's __setattr__ refuses)
+        _SET_KIND(made, kind)
+        _SET_AXES(made, axes)
+        _SET_BYTES(made, bytes)
+        _SET_VALUE(made, value)
+        _SET_COUNT(made, count)
+        new = _Entry(made, _drop)
+        new.key = key
+        ref = _INTERNED.setdefault(key, new)  # one step: of two threads, one interns its own
+        if ref is new:
+            return made
+        hit = ref()
+        if hit is not None:
+            return hit
+        with _INTERNING:  # the entry's collective died and its entry is not dropped yet
+            ref = _INTERNED.get(key)
+            hit = ref() if ref is not None else None
+            if hit is not None:
+                return hit
+            _INTERNED[key] = new
+        return made
 
     def __reduce__(self):  # another process interns its own
         return (Collective, (self.kind, self.axes, self.bytes, self.value, self.count))
@@ -77,8 +93,29 @@ class Collective:
         return self.bytes * self.count
 
 
-_INTERNED: weakref.WeakValueDictionary[tuple, Collective] = weakref.WeakValueDictionary()
-_INTERNING = threading.Lock()
+class _Entry(weakref.ref):
+    """A weak reference to an interned collective that knows its key (to drop it when it dies)."""
+
+    __slots__ = ("key",)
+
+
+def _drop(entry: _Entry) -> None:
+    # Called when a collective dies, possibly by the garbage collector inside `__new__`'s
+    # critical section of this very thread (hence a reentrant lock); drops the key unless
+    # another collective of that key was interned since.
+    with _INTERNING:
+        if _INTERNED.get(entry.key) is entry:
+            del _INTERNED[entry.key]
+
+
+# (kind, axes, bytes, value, count) -> a weak reference to the one Collective of that value. A
+# dict of weak references rather than a WeakValueDictionary: looked up at C speed (propagation
+# names a collective for each value an unrolled model's layers move).
+_INTERNED: dict[tuple, _Entry] = {}
+_INTERNING = threading.RLock()
+_SET_KIND, _SET_AXES, _SET_BYTES, _SET_VALUE, _SET_COUNT = (
+    Collective.__dict__[name].__set__ for name in ("kind", "axes", "bytes", "value", "count")
+)
 
 
 def bytes_by_kind_axes(
