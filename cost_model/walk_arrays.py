@@ -275,8 +275,13 @@ def walk_peak(
     # collective that resolves them; the value is written then.
     pending: dict[int, tuple[int, int]] = {}
     producer = g.producer
+    stored = {}  # layout written -> it stored (not pending)
     for vid, r in w.resolutions.items():
-        pending[vid] = (int(step[producer[vid]]), w.size(vid, Sharding(r.produced.dims)))
+        dims = r.produced.dims
+        s = stored.get(dims)
+        if s is None:
+            s = stored[dims] = Sharding(dims)
+        pending[vid] = (int(step[producer[vid]]), w.size(vid, s))
     pointer_bytes = w.compiler.pointer_bytes
     for p in np.flatnonzero(~is_op).tolist():
         group = groups[-1 - nodes[p]]
@@ -348,9 +353,12 @@ def walk_peak(
                 else:
                     sizes[i] = sliced[v]
     if None in sizes:
+        # Values of one shape share a table: each (shape, layout) is worked out once, then read.
         for i, b in enumerate(sizes):
             if b is None:
-                sizes[i] = w.size(listed[i], shardings[listed[i]])
+                v = listed[i]
+                b = tables[i].get(shardings[v]) if tables[i] is not None else None
+                sizes[i] = b if b is not None else w.size(v, shardings[v])
     nbytes = np.array(sizes, dtype=np.int64)
     starts = written[vids]
     np.add.at(delta, starts, nbytes)
