@@ -251,21 +251,23 @@ def test_the_program_order_schedule_is_the_list_schedulers(source, monkeypatch):
 
 @pytest.mark.parametrize("source", ["builtin:gpt:tiny", "builtin:llama:tiny:scan", "builtin:moe:tiny"])
 def test_the_per_graph_shortcuts_agree_with_walking_the_plan(source, monkeypatch):
-    # A plan's fused values are the graph's own corrected at its aliases, and the combiner's
-    # dependences are read off bitsets made once per graph; walking every value and op of the
-    # plan is the reference for both. Every expert plan on 2x4 under XLA:GPU, loop bodies
-    # included.
+    # A plan's fused values are the graph's own corrected at its aliases (or, where every
+    # alias op aliases, the graph's set for that), and the combiner's dependences are read off
+    # bitsets made once per graph; walking every value and op of the plan is the reference for
+    # both. Every expert plan on 2x4 under XLA:GPU (no library reductions), loop bodies included.
     from cost_model import fusion, liveness
 
-    fused_of, combine_of = fusion._fused, liveness.combine
-    seen = {"fused": 0, "aliased": 0, "combined": 0}
+    fused_of, combine_of = liveness.fused_and_aliased, liveness.combine
+    seen = {"fused": 0, "aliased": 0, "every": 0, "combined": 0}
 
-    def fused_checked(g, alias, library, slices):
-        out = fused_of(g, alias, library, slices)
-        assert out == fusion._fused_walk(g, alias, library, slices)
+    def fused_checked(prop, *args):
+        fused, alias, library = fused_of(prop, *args)
+        assert not library
+        assert fused == fusion._fused_walk(prop.graph, alias, library, set())
         seen["fused"] += 1
         seen["aliased"] += bool(alias)
-        return out
+        seen["every"] += alias is prop.graph.derived("fusion.every_alias", fusion._every_alias)[0]
+        return fused, alias, library
 
     def combine_checked(g, order, cands, compiler_):
         groups = combine_of(g, order, cands, compiler_)
@@ -275,13 +277,14 @@ def test_the_per_graph_shortcuts_agree_with_walking_the_plan(source, monkeypatch
         seen["combined"] += len(groups) < len(cands)
         return groups
 
-    monkeypatch.setattr(fusion, "_fused", fused_checked)
+    monkeypatch.setattr(liveness, "fused_and_aliased", fused_checked)
     monkeypatch.setattr(liveness, "combine", combine_checked)
     g = trace(resolve(source))
     mesh = MeshShape.parse("data=2,model=4")
     for plan in baseline_plans(g, mesh).values():
         memory(propagate_plan(g, plan), compiler=XLA_GPU)
-    assert seen["fused"] >= 4 and seen["aliased"] and seen["combined"]
+    # (both ways: the graph's set where every alias op aliases, corrected at the aliases else)
+    assert seen["fused"] >= 4 and seen["aliased"] > seen["every"] > 0 and seen["combined"]
 
 
 def _combined_by_rescan(cands, anc, bit, compiler_):
