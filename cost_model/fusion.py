@@ -144,7 +144,7 @@ def fused_and_aliased(
     if not library and not slices:
         # Where every alias op aliases (nearly every plan: a reshape keeps its operand's layout
         # and local size), the aliases and fused set are the graph's own, made once for it.
-        every = g.derived("fusion.every_alias", _every_alias)
+        every = g.derived("fusion.every_alias", every_alias)
         if len(alias) == len(every[0]):  # (the aliases are a subset of those: the same)
             return every[1], every[0], library
     if memo is None:
@@ -173,13 +173,28 @@ def fused_sources(
     return hit
 
 
-def _every_alias(g) -> tuple[dict[int, int], frozenset[int]]:
-    """(the aliases where every alias op shares its operand's buffer, the fused set under them,
-    without library reductions): read only."""
+def every_alias(g) -> tuple[dict[int, int], frozenset[int], frozenset[int]]:
+    """(the aliases where every alias op shares its operand's buffer, the fused set under them
+    without library reductions, the values with no buffer of their own (`unbuffered`)): read
+    only."""
     alias: dict[int, int] = {}
     for op in g.derived("fusion.alias_ops", _alias_ops):
         alias[op.outputs[0]] = alias.get(op.inputs[0], op.inputs[0])
-    return alias, _fused_by_aliases(g, alias)
+    fused = _fused_by_aliases(g, alias)
+    return alias, fused, unbuffered(g, fused, alias)
+
+
+def pinned(g, alias: Mapping[int, int]) -> tuple[set[int], dict[int, None]]:
+    """(the buffers of arguments and results, {buffer of a result: None}) under `alias`."""
+    return {alias.get(v, v) for v in (*g.inputs, *g.outputs)}, dict.fromkeys(
+        alias.get(v, v) for v in g.outputs
+    )
+
+
+def unbuffered(g, fused: frozenset[int], alias: Mapping[int, int]) -> frozenset[int]:
+    """The values written in no buffer of their own: fused, an argument's or a result's, or
+    sharing another's."""
+    return fused | pinned(g, alias)[0] | alias.keys()
 
 
 def _alias_ops(g) -> list:

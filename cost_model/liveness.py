@@ -47,7 +47,15 @@ from cost_model.compiler import (
     resolutions_of,
     schedule,
 )
-from cost_model.fusion import GENERATED, FusionCache, fused_and_aliased, generated
+from cost_model.fusion import (
+    GENERATED,
+    FusionCache,
+    every_alias,
+    fused_and_aliased,
+    generated,
+    pinned,
+    unbuffered,
+)
 from cost_model.part_steps import live_spans, moves, part_hits, runs, sub_moves
 from cost_model.walk_arrays import walk_peak
 from ir.comm import CollectiveKind
@@ -236,12 +244,15 @@ def _buffers(
     w = _Walk(prop, compiler, cache, fused, alias, library, memo, sizes)
     # The values written in no buffer of their own (fused, an argument's or a result's, or
     # sharing another's): one set, kept with the fused set and the aliases it was made for.
-    if cache is not None and hit[2] is alias:
-        unbuffered = hit[3]
+    every = g.derived("fusion.every_alias", every_alias)
+    if alias is every[0] and fused is every[1]:
+        none_own = every[2]  # (nearly every plan: the graph's own, made with it)
+    elif cache is not None and hit[2] is alias:
+        none_own = hit[3]
     else:
-        unbuffered = fused | w.pinned | alias.keys()
+        none_own = unbuffered(g, fused, alias)
         if cache is not None:
-            hit[2], hit[3] = alias, unbuffered
+            hit[2], hit[3] = alias, none_own
     # Per op of a cached propagation: what it does to the timeline, worked out once per (Part,
     # fusion) (see `_steps`); None where the op is walked in full.
     steps = part_hits(w, prop.parts) if cache is not None and prop.parts else None
@@ -301,7 +312,7 @@ def _buffers(
     big = len(g.live_ops) >= walk_arrays.MIN_OPS
     if peak_only and big and (steps is None or all(hit[4] is None for hit in steps)):
         # Nothing worked out per part, and a graph big enough: the whole walk over arrays.
-        found = walk_peak(w, order, nodes, groups, unbuffered, cache.resharded if cache is not None else {})
+        found = walk_peak(w, order, nodes, groups, none_own, cache.resharded if cache is not None else {})
         if found is not None:
             return found
     written, last_read, out = w.written, w.last_read, w.out
@@ -331,7 +342,7 @@ def _buffers(
             delta[last + 1] -= b
     sizes = w.sizes
     for vid, s in written.items():
-        if vid in unbuffered:
+        if vid in none_own:
             continue
         e = last_read.get(vid)
         if e is None:
@@ -440,11 +451,7 @@ class _Walk:
         # The buffers of arguments and results: a function of the aliases (kept with them).
         hit = cache.pinned.get(id(g)) if cache is not None else None
         if hit is None or hit[0] is not alias:
-            hit = (
-                alias,
-                {alias.get(v, v) for v in (*g.inputs, *g.outputs)},
-                dict.fromkeys(alias.get(v, v) for v in g.outputs),
-            )
+            hit = (alias, *pinned(g, alias))
             if cache is not None:
                 cache.pinned[id(g)] = hit
         self.pinned = hit[1]

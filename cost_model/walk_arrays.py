@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from cost_model.compiler import Resolution, donated_copies
-from cost_model.fusion import generated
+from cost_model.fusion import every_alias, generated
 from cost_model.part_steps import moves
 from ir.comm import CollectiveKind
 from ir.graph import Graph, Op
@@ -93,6 +93,29 @@ class _Arrays:
             )
             values = [ops[n].inputs[k] for n, k in reads]
             self.spans.append((span.start, span.stop, reads, values))
+
+
+def _fusion_arrays(
+    g: Graph, fused: frozenset[int] | None = None, alias: dict[int, int] | None = None, unbuffered=None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(per value whether it is fused, the value whose buffer it holds, whether it has a buffer of
+    its own); by default under the graph's fusion where every alias op aliases
+    (`fusion.every_alias`)."""
+    if fused is None:
+        alias, fused, unbuffered = g.derived("fusion.every_alias", every_alias)
+    n_values = len(g.values)
+    is_fused = np.zeros(n_values, dtype=bool)
+    if fused:
+        is_fused[np.fromiter(fused, np.int64, len(fused))] = True
+    root_of = np.arange(n_values, dtype=np.int64)
+    if alias:
+        root_of[np.fromiter(alias.keys(), np.int64, len(alias))] = np.fromiter(
+            alias.values(), np.int64, len(alias)
+        )
+    own = np.ones(n_values, dtype=bool)
+    if unbuffered:
+        own[np.fromiter(unbuffered, np.int64, len(unbuffered))] = False
+    return is_fused, root_of, own
 
 
 def _resharded(w: _Walk, a: _Arrays, memo: dict) -> list[tuple[int, int, int, Sharding]]:
@@ -239,14 +262,12 @@ def walk_peak(
             copies[key][2] = at
 
     # Reads as stored: of a buffer (through its alias), or of a fused value (settled below).
-    is_fused = np.zeros(n_values, dtype=bool)
-    if fused:
-        is_fused[np.fromiter(fused, np.int64, len(fused))] = True
-    root_of = np.arange(n_values, dtype=np.int64)
-    if alias:
-        root_of[np.fromiter(alias.keys(), np.int64, len(alias))] = np.fromiter(
-            alias.values(), np.int64, len(alias)
-        )
+    every = g.derived("fusion.every_alias", every_alias)
+    if fused is every[1] and alias is every[0] and unbuffered is every[2]:
+        # (nearly every plan: the graph's own fusion, its arrays made once with it)
+        is_fused, root_of, own = g.derived("walk_arrays.every_alias", _fusion_arrays)
+    else:
+        is_fused, root_of, own = _fusion_arrays(g, fused, alias, unbuffered)
     read = a.in_live & ~via_copy
     of_fused = is_fused[a.in_value]
     plain = read & ~of_fused
@@ -333,9 +354,6 @@ def walk_peak(
     for b, first, end in copies.values():
         delta[first] += b
         delta[end + 1] -= b
-    own = np.ones(n_values, dtype=bool)
-    if unbuffered:
-        own[np.fromiter(unbuffered, np.int64, len(unbuffered))] = False
     vids = np.flatnonzero((written >= 0) & own & (last_read >= 0))
     listed = vids.tolist()
     # Sizes as `_Walk.size` keeps them, looked up at C speed; those not kept yet worked out.

@@ -266,7 +266,7 @@ def test_the_per_graph_shortcuts_agree_with_walking_the_plan(source, monkeypatch
         assert fused == fusion._fused_walk(prop.graph, alias, library, set())
         seen["fused"] += 1
         seen["aliased"] += bool(alias)
-        seen["every"] += alias is prop.graph.derived("fusion.every_alias", fusion._every_alias)[0]
+        seen["every"] += alias is prop.graph.derived("fusion.every_alias", fusion.every_alias)[0]
         return fused, alias, library
 
     def combine_checked(g, order, cands, compiler_):
