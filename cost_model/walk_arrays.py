@@ -96,14 +96,10 @@ class _Arrays:
 
 
 def _fusion_arrays(
-    g: Graph, fused: frozenset[int] | None = None, alias: dict[int, int] | None = None, unbuffered=None
+    n_values: int, fused: frozenset[int], alias: dict[int, int], unbuffered
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(per value whether it is fused, the value whose buffer it holds, whether it has a buffer of
-    its own); by default under the graph's fusion where every alias op aliases
-    (`fusion.every_alias`)."""
-    if fused is None:
-        alias, fused, unbuffered = g.derived("fusion.every_alias", every_alias)
-    n_values = len(g.values)
+    its own)."""
     is_fused = np.zeros(n_values, dtype=bool)
     if fused:
         is_fused[np.fromiter(fused, np.int64, len(fused))] = True
@@ -265,9 +261,11 @@ def walk_peak(
     every = g.derived("fusion.every_alias", every_alias)
     if fused is every[1] and alias is every[0] and unbuffered is every[2]:
         # (nearly every plan: the graph's own fusion, its arrays made once with it)
-        is_fused, root_of, own = g.derived("walk_arrays.every_alias", _fusion_arrays)
+        is_fused, root_of, own = g.derived(
+            "walk_arrays.every_alias", lambda g: _fusion_arrays(n_values, fused, alias, unbuffered)
+        )
     else:
-        is_fused, root_of, own = _fusion_arrays(g, fused, alias, unbuffered)
+        is_fused, root_of, own = _fusion_arrays(n_values, fused, alias, unbuffered)
     read = a.in_live & ~via_copy
     of_fused = is_fused[a.in_value]
     plain = read & ~of_fused
@@ -296,13 +294,8 @@ def walk_peak(
     # collective that resolves them; the value is written then.
     pending: dict[int, tuple[int, int]] = {}
     producer = g.producer
-    stored = {}  # layout written -> it stored (not pending)
     for vid, r in w.resolutions.items():
-        dims = r.produced.dims
-        s = stored.get(dims)
-        if s is None:
-            s = stored[dims] = Sharding(dims)
-        pending[vid] = (int(step[producer[vid]]), w.size(vid, s))
+        pending[vid] = (int(step[producer[vid]]), w.size(vid, Sharding(r.produced.dims)))
     pointer_bytes = w.compiler.pointer_bytes
     for p in np.flatnonzero(~is_op).tolist():
         group = groups[-1 - nodes[p]]
