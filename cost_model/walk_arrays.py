@@ -26,6 +26,7 @@ at every step.
 
 from __future__ import annotations
 
+import operator
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -92,7 +93,21 @@ class _Arrays:
                 (n, k) for n in range(span.start, span.stop) if live[n] for k in range(len(ops[n].inputs))
             )
             values = [ops[n].inputs[k] for n, k in reads]
-            self.spans.append((span.start, span.stop, reads, values))
+            # (the layouts of the values read, as one tuple, at C speed)
+            layouts = operator.itemgetter(*values) if len(values) > 1 else _one_tuple(values)
+            self.spans.append((span.start, span.stop, reads, layouts))
+
+
+_FIRST = operator.itemgetter(0)
+_SECOND = operator.itemgetter(1)
+
+
+def _one_tuple(values: list[int]):
+    """`operator.itemgetter(*values)` for fewer than two values: always a tuple."""
+    if not values:
+        return lambda seq: ()
+    (v,) = values
+    return lambda seq: (seq[v],)
 
 
 def _fusion_arrays(
@@ -125,12 +140,12 @@ def _resharded(w: _Walk, a: _Arrays, memo: dict) -> list[tuple[int, int, int, Sh
     out = []
     parts = prop.parts
     if len(parts) == len(a.spans):
-        for part, (start, stop, reads, values) in zip(parts, a.spans, strict=True):
+        for part, (start, stop, reads, layouts) in zip(parts, a.spans, strict=True):
             if part.span.start != start or part.span.stop != stop:
                 break  # not the graph's spans: op by op, below
             if not reads:
                 continue
-            have = tuple(map(shardings.__getitem__, values))
+            have = layouts(shardings)
             key = (id(part.ops), have)
             hit = memo.get(key)
             if hit is None or hit[0] is not part.ops:
@@ -141,9 +156,11 @@ def _resharded(w: _Walk, a: _Arrays, memo: dict) -> list[tuple[int, int, int, Sh
                     if want is not None and want is not h and want.dims != h.dims:
                         found.append((n - start, k))
                 hit = memo[key] = (part.ops, tuple(found))
-            for at, k in hit[1]:
-                n = start + at
-                out.append((n, k, ops[n].inputs[k], decisions[n].operands[k]))
+            if hit[1]:
+                out += [
+                    (start + at, k, ops[start + at].inputs[k], decisions[start + at].operands[k])
+                    for at, k in hit[1]
+                ]
         else:
             return out
         out.clear()
@@ -192,8 +209,12 @@ def walk_peak(
     position = np.empty(len(ops), dtype=np.int64)
     position[op_nodes] = np.flatnonzero(is_op)
     resharded = _resharded(w, a, memo)
-    resharded.sort(key=lambda r: (position[r[0]], r[1]))
+    if resharded:  # by (schedule position, operand position)
+        ns = np.fromiter(map(_FIRST, resharded), np.int64, len(resharded))
+        ks = np.fromiter(map(_SECOND, resharded), np.int64, len(resharded))
+        resharded = list(map(resharded.__getitem__, np.lexsort((ks, position[ns])).tolist()))
     increment = np.ones(len(node), dtype=np.int64)
+    copied_before = []  # per copy made, the op it is made before
     copies: dict[tuple, list] = {}  # (value, dims) -> [bytes, first step, last step]
     made = []  # (op, buffer copied, key) of each copy made, in order
     copy_reads: list[tuple] = []  # (key, op, operand position)
@@ -215,9 +236,11 @@ def walk_peak(
                 sliced[root] = max(sliced.get(root, 0), w.size(vid, want))
                 continue
             copies[key] = [w.size(vid, want), 0, 0]
-            increment[position[n]] += 1
+            copied_before.append(n)
             made.append((n, root, key))
         copy_reads.append((key, n, k))
+    if copied_before:
+        np.add.at(increment, position[copied_before], 1)
     # A reduce-scatter lowered as an all-reduce: the slice one step after the collective.
     as_all_reduce = {}
     if w.compiler.reduce_scatter_as_all_reduce:
@@ -294,26 +317,40 @@ def walk_peak(
     # collective that resolves them; the value is written then.
     pending: dict[int, tuple[int, int]] = {}
     producer = g.producer
-    for vid, r in w.resolutions.items():
-        pending[vid] = (int(step[producer[vid]]), w.size(vid, Sharding(r.produced.dims)))
+    resolutions = w.resolutions
+    bare: dict[Sharding, Sharding] = {}  # the layout written -> without its pending axes
+    if resolutions:
+        firsts = step[list(map(producer.__getitem__, resolutions))].tolist()
+        for (vid, r), first in zip(resolutions.items(), firsts, strict=True):
+            made_as = bare.get(r.produced)
+            if made_as is None:
+                made_as = bare[r.produced] = Sharding(r.produced.dims)
+            pending[vid] = (first, w.size(vid, made_as))
     pointer_bytes = w.compiler.pointer_bytes
-    for p in np.flatnonzero(~is_op).tolist():
+    at_steps: list[int] = []  # bytes added at steps, summed into `delta` at once
+    added: list[int] = []
+    wrote: dict[int, int] = {}  # value -> the step its resolved buffer is written
+    collective_steps = step_of_node[~is_op].tolist()
+    for p, at in zip(np.flatnonzero(~is_op).tolist(), collective_steps, strict=True):
         group = groups[-1 - nodes[p]]
         reduced = as_all_reduce.get(p, ())
-        at = int(step_of_node[p]) - bool(reduced)
+        if reduced:
+            at -= 1
         if len(group) > 1:  # a tuple-shaped collective: its table of pointers
-            delta[at] += pointer_bytes * len(group)
-            delta[at + 1] -= pointer_bytes * len(group)
+            at_steps += (at, at + 1)
+            added += (pointer_bytes * len(group), -pointer_bytes * len(group))
         for r in group:
             first, b = pending.pop(r.value)
-            delta[first] += b
-            delta[at + 1] -= b
-            written[r.value] = at
+            at_steps += (first, at + 1)
+            added += (b, -b)
+            wrote[r.value] = at
         for r in reduced:  # the full sum, then this device's slice
             full_sum = w.size(r.value, Sharding(r.produced.dims))
-            delta[at] += full_sum
-            delta[at + 2] -= full_sum
-            written[r.value] = at + 1
+            at_steps += (at, at + 2)
+            added += (full_sum, -full_sum)
+            wrote[r.value] = at + 1
+    if wrote:
+        written[list(wrote)] = list(wrote.values())
     for n, subs in prop.bodies.items():  # a loop or branch: its body's own peak while it runs
         if subs and n in g.live_ops:
             inner = max(w.body_peak(sub) for sub in subs)
@@ -345,31 +382,36 @@ def walk_peak(
             delta[first] += b
             delta[end + 1] -= b
     for b, first, end in copies.values():
-        delta[first] += b
-        delta[end + 1] -= b
+        at_steps += (first, end + 1)
+        added += (b, -b)
+    if at_steps:
+        np.add.at(delta, at_steps, added)
     vids = np.flatnonzero((written >= 0) & own & (last_read >= 0))
     listed = vids.tolist()
     # Sizes as `_Walk.size` keeps them, looked up at C speed; those not kept yet worked out.
+    layouts = list(map(shardings.__getitem__, listed))
     tables = list(map(w.sizes.__getitem__, listed))
     if None in tables:  # (no cache: a table per value, made as it is first sized)
-        sizes = [w.size(v, shardings[v]) for v in listed]
+        sizes = list(map(w.size, listed, layouts))
     else:
-        sizes = list(map(dict.get, tables, map(shardings.__getitem__, listed)))
+        sizes = list(map(dict.get, tables, layouts))
+        if None in sizes:
+            # Values of one shape share a table: each (shape, layout) missing is worked out once
+            # (for the first value of it), then every size read again.
+            first = {
+                (id(t), s): v for t, s, v, b in zip(tables, layouts, listed, sizes, strict=True) if b is None
+            }
+            for (_, s), v in first.items():
+                w.size(v, s)
+            sizes = list(map(dict.get, tables, layouts))
     ends = last_read[vids]
-    if sliced:  # a generated value made at the size its readers read, unless one reads it whole
-        for i, v in enumerate(listed):
-            if v in sliced:
-                if v in full:
-                    sizes[i], ends[i] = w.size(v, shardings[v]), full[v]
-                else:
-                    sizes[i] = sliced[v]
-    if None in sizes:
-        # Values of one shape share a table: each (shape, layout) is worked out once, then read.
-        for i, b in enumerate(sizes):
-            if b is None:
-                v = listed[i]
-                b = tables[i].get(shardings[v]) if tables[i] is not None else None
-                sizes[i] = b if b is not None else w.size(v, shardings[v])
+    for v in sliced:  # a generated value made at the size its readers read, unless one reads it whole
+        i = int(np.searchsorted(vids, v))
+        if i < len(listed) and listed[i] == v:
+            if v in full:
+                sizes[i], ends[i] = w.size(v, shardings[v]), full[v]
+            else:
+                sizes[i] = sliced[v]
     nbytes = np.array(sizes, dtype=np.int64)
     starts = written[vids]
     np.add.at(delta, starts, nbytes)
