@@ -17,7 +17,8 @@ import dataclasses
 from collections.abc import Mapping
 
 from cost_model.compiler import XLA_CPU, XLA_GPU, Compiler, compiler_for, local_bytes
-from cost_model.liveness import Buffer, TimelineCache, peak, shard_bytes, temp_peak, timeline
+from cost_model.liveness import Buffer, TimelineCache, peak, temp_peak, timeline
+from cost_model.op_walk import shard_bytes
 from ir.graph import Graph, Role
 from ir.propagate import Propagation
 from ir.spans import entries_getter

@@ -16,7 +16,8 @@ from ir.sharding import Sharding
 from ir.spans import Part, spans_of
 
 if TYPE_CHECKING:
-    from cost_model.liveness import TimelineCache, _Walk
+    from cost_model.liveness import TimelineCache
+    from cost_model.op_walk import Walk
 
 _FIRST, _SECOND, _THIRD = operator.itemgetter(0), operator.itemgetter(1), operator.itemgetter(2)
 
@@ -35,7 +36,7 @@ def moves(prop: Propagation, vid: int, want: Sharding, cache: TimelineCache | No
     return colls
 
 
-def part_hits(w: _Walk, parts: tuple[Part, ...]) -> list[tuple]:
+def part_hits(w: Walk, parts: tuple[Part, ...]) -> list[tuple]:
     """Per part, its entry of `TimelineCache.steps`: (part, fusion, per op of its span what it
     does to the timeline or None (`part_steps`), the live ops whose results may be resolved,
     the part as moves of the walk or None (`summary`), and the moves of runs of part of its live
@@ -95,12 +96,12 @@ def part_hits(w: _Walk, parts: tuple[Part, ...]) -> list[tuple]:
     return hits
 
 
-def _live_of(w: _Walk, part: Part) -> tuple[int, ...]:
+def _live_of(w: Walk, part: Part) -> tuple[int, ...]:
     """The live op ids of a part's span (`live_spans`)."""
     return w.prop.graph.derived("liveness.live_spans", live_spans)[0][part.span.index]
 
 
-def sub_moves(w: _Walk, hit: tuple, first: int, stop: int) -> tuple:
+def sub_moves(w: Walk, hit: tuple, first: int, stop: int) -> tuple:
     """The moves (`summary`) of live ops first..stop-1 of a part's span (`part_hits` entry
     `hit`, its steps worked out), made once per entry."""
     got = hit[5].get((first, stop))
@@ -111,7 +112,7 @@ def sub_moves(w: _Walk, hit: tuple, first: int, stop: int) -> tuple:
     return got
 
 
-def summary(w: _Walk, part: Part, entries: tuple, resolvable: tuple[int, ...], ids: tuple[int, ...]) -> tuple:
+def summary(w: Walk, part: Part, entries: tuple, resolvable: tuple[int, ...], ids: tuple[int, ...]) -> tuple:
     """Live ops `ids` of a part, run one after another, as moves of the walk: per run of
     consecutive plain ops (reading their operands as they are stored, running no body, reading
     no broadcast) one move, (its ops, per buffer read the last of them to read it, per value
@@ -190,7 +191,7 @@ def live_spans(g: Graph) -> tuple[tuple[tuple[int, ...], ...], dict[int, int]]:
     )
 
 
-def part_steps(w: _Walk, part: Part) -> tuple:
+def part_steps(w: Walk, part: Part) -> tuple:
     """What each op of a part does to the timeline: (the buffers it reads (through fused values
     and aliases; buffers only), the values it writes, the copies of operands it reads resharded
     ((value, dims), bytes, the buffer copied or None), and None or what else it does: (per

@@ -1,7 +1,7 @@
 """The bytes live per step of a whole walk of the schedule, worked out over arrays.
 
-`cost_model.liveness` walks the schedule op by op (`_Walk.walk`) and settles the reads of fused
-values afterwards (`_Walk.settle_fused`). A searcher's peak needs only the bytes each step adds
+`cost_model.liveness` walks the schedule op by op (`op_walk.Walk.walk`) and settles the reads of
+fused values afterwards (`Walk.settle_fused`). A searcher's peak needs only the bytes each step adds
 to those live, not the named buffers, and when no part of a propagation has its steps worked out
 (`part_steps`: a graph's first walk, or every walk of a searcher that keeps no caches) the same
 peak is found here with one pass of Python over the few operands read resharded and the
@@ -40,7 +40,7 @@ from ir.sharding import Sharding
 from ir.spans import spans_of
 
 if TYPE_CHECKING:
-    from cost_model.liveness import _Walk
+    from cost_model.op_walk import Walk
 
 
 # Below this many live ops the op-by-op walk costs less than the arrays' fixed cost (a cold walk
@@ -129,7 +129,7 @@ def _fusion_arrays(
     return is_fused, root_of, own
 
 
-def _resharded(w: _Walk, a: _Arrays, memo: dict) -> list[tuple[int, int, int, Sharding]]:
+def _resharded(w: Walk, a: _Arrays, memo: dict) -> list[tuple[int, int, int, Sharding]]:
     """(op, operand position, value, layout read) of every operand of a live op read in another
     layout than stored. By span: a function of the span's decisions and the layouts of its
     operands, kept in `memo`."""
@@ -177,7 +177,7 @@ def _resharded(w: _Walk, a: _Arrays, memo: dict) -> list[tuple[int, int, int, Sh
 
 
 def walk_peak(
-    w: _Walk,
+    w: Walk,
     order: list[Op],
     nodes: list[int],
     groups: list[list[Resolution]],
@@ -185,7 +185,7 @@ def walk_peak(
     memo: dict,
 ) -> tuple[np.ndarray, int] | None:
     """(per step 0..last + 1, the bytes it adds to those live; the last step) of walking `nodes`
-    (as `_Walk.walk` numbers steps; `order` the live ops in program order) and settling the fused
+    (as `Walk.walk` numbers steps; `order` the live ops in program order) and settling the fused
     reads, as `liveness._buffers` counts them with `peak_only`; None where the graph is walked op
     by op. `memo`: the operands read resharded by span (see `_resharded`), kept across walks of
     one graph."""
@@ -298,7 +298,7 @@ def walk_peak(
     fused_read = np.full(n_values, -1, dtype=np.int64)
     into_fused = read & of_fused
     np.maximum.at(fused_read, a.in_value[into_fused], at_edge[into_fused])
-    # A generated value some op reads whole (as stored) is made whole (`_Walk.full`).
+    # A generated value some op reads whole (as stored) is made whole (`Walk.full`).
     full: dict[int, int] = {}
     reads_generated = a.generated[roots]
     if reads_generated.any():
@@ -388,7 +388,7 @@ def walk_peak(
         np.add.at(delta, at_steps, added)
     vids = np.flatnonzero((written >= 0) & own & (last_read >= 0))
     listed = vids.tolist()
-    # Sizes as `_Walk.size` keeps them, looked up at C speed; those not kept yet worked out.
+    # Sizes as `Walk.size` keeps them, looked up at C speed; those not kept yet worked out.
     layouts = list(map(shardings.__getitem__, listed))
     tables = list(map(w.sizes.__getitem__, listed))
     if None in tables:  # (no cache: a table per value, made as it is first sized)
