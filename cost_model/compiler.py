@@ -103,7 +103,7 @@ class Resolution:
 
     value: int
     produced: Sharding
-    collectives: tuple  # the Collectives, in order
+    first: CollectiveKind | None  # the kind of the first collective (None: a local slice, none)
     key: tuple | None  # combiner key (kind, axes, dtype) when the first collective can combine
     bytes: int  # bytes of the combinable collective
 
@@ -132,23 +132,20 @@ def resolutions_of(
     """The resolutions of an op's results that are not stored as written.
 
     `memo`: the collectives of each resolution by what decides them (shape, dtype, layouts, sum
-    groups): values of one shape resolve alike (an unrolled model's layers), named per value."""
+    groups): values of one shape resolve alike (an unrolled model's layers)."""
     found = (_resolution(prop, op, k, compiler, memo) for k in range(len(op.outputs)))
     return tuple(r for r in found if r is not None)
 
 
 def renamed_resolutions(found: tuple[Resolution, ...], like: Op, op: Op, g: Graph) -> tuple[Resolution, ...]:
     """`found`, the resolutions of op `like`, as those of `op`, an op of the same kind
-    (`Graph.op_kinds`) decided and laid out alike: result for result, collectives named for
-    `op`'s values."""
-    values = g.values
-    out = []
-    for r in found:
-        vid = op.outputs[like.outputs.index(r.value)]
-        name = values[vid].name
-        colls = tuple([c.named(name) for c in r.collectives])
-        out.append(Resolution(vid, r.produced, colls, r.key, r.bytes))
-    return tuple(out)
+    (`Graph.op_kinds`) decided and laid out alike: result for result."""
+    return tuple(
+        [
+            Resolution(op.outputs[like.outputs.index(r.value)], r.produced, r.first, r.key, r.bytes)
+            for r in found
+        ]
+    )
 
 
 def _resolution(
@@ -168,8 +165,6 @@ def _resolution(
         colls = memo.get(alike)
         if colls is None:
             colls = memo[alike] = tuple(reshard(v, made, Sharding(stored.dims), prop.mesh, groups)[0])
-        if colls and colls[0].value != v.name:
-            colls = tuple([c.named(v.name) for c in colls])
     key = None
     nbytes = 0
     if colls and colls[0].kind in _SUMS:
@@ -183,7 +178,7 @@ def _resolution(
         nbytes = local_bytes(v.shape, v.itemsize, Sharding(made.dims), prop.mesh)
         if kind is CollectiveKind.REDUCE_SCATTER:
             nbytes = local_bytes(v.shape, v.itemsize, stored, prop.mesh)
-    return Resolution(vid, made, colls, key, nbytes)
+    return Resolution(vid, made, colls[0].kind if colls else None, key, nbytes)
 
 
 def combine(g: Graph, order: list[Op], cands: list[Resolution], compiler: Compiler) -> list[list[int]]:

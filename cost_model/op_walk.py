@@ -379,11 +379,7 @@ def _collective(group: list[Resolution], step: int, w: Walk) -> int:
         kind, v, b, start, _, extra = out[w.partial[vid]]
         out[w.partial[vid]] = (kind, v, b, start, step, extra)
         w.written[vid] = step
-        if (
-            w.compiler.reduce_scatter_as_all_reduce
-            and r.key
-            and r.collectives[0].kind is CollectiveKind.REDUCE_SCATTER
-        ):
+        if w.compiler.reduce_scatter_as_all_reduce and r.key and r.first is CollectiveKind.REDUCE_SCATTER:
             # An all-reduce at the written size, then this device's slice one step on.
             full = w.size(vid, Sharding(r.produced.dims))
             out.append((REDUCED, vid, full, step, step + 1, None))

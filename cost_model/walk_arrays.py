@@ -246,7 +246,7 @@ def walk_peak(
     if w.compiler.reduce_scatter_as_all_reduce:
         for p in np.flatnonzero(~is_op).tolist():
             group = groups[-1 - nodes[p]]
-            found = [r for r in group if r.key and r.collectives[0].kind is CollectiveKind.REDUCE_SCATTER]
+            found = [r for r in group if r.key and r.first is CollectiveKind.REDUCE_SCATTER]
             if found:
                 as_all_reduce[p] = found
                 increment[p] += 1

@@ -344,7 +344,7 @@ def test_combiner_groups_match_rescanning_every_candidate_left():
             combine_count=rng.choice([2, 3, 256]),
         )
         cands = [
-            compiler.Resolution(i, None, (), rng.choice(keys), rng.choice([1, 50, 200, 2000]))
+            compiler.Resolution(i, None, None, rng.choice(keys), rng.choice([1, 50, 200, 2000]))
             for i in range(n)
         ]
         anc: list[int] = []
