@@ -137,7 +137,7 @@ def resolutions_of(
     return tuple(r for r in found if r is not None)
 
 
-def renamed_resolutions(found: tuple[Resolution, ...], like: Op, op: Op, g: Graph) -> tuple[Resolution, ...]:
+def renamed_resolutions(found: tuple[Resolution, ...], like: Op, op: Op) -> tuple[Resolution, ...]:
     """`found`, the resolutions of op `like`, as those of `op`, an op of the same kind
     (`Graph.op_kinds`) decided and laid out alike: result for result."""
     return tuple(

@@ -299,7 +299,7 @@ def _buffers(
                 alike = (gid, kinds[op.id], *key[2:])
                 like = cache.resolutions_alike.get(alike)
                 if like is not None and like[0] is decided:
-                    found = renamed_resolutions(like[2], g.ops[like[1]], op, g)
+                    found = renamed_resolutions(like[2], g.ops[like[1]], op)
                 else:
                     found = resolutions_of(prop, op, compiler, cache.resolution_colls)
                     cache.resolutions_alike[alike] = (decided, op.id, found)
