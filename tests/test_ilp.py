@@ -22,7 +22,8 @@ from ir.trace import trace
 from ir.workload import Workload
 from search.evaluate import Evaluator
 from search.ilp import ILP, Program, Solved
-from search.ilp_model import Builder, Model, NodeKind, merge, op_strategies
+from search.ilp_factors import merge, op_strategies
+from search.ilp_model import Builder, Model, NodeKind
 from search.problem import Budget, SearchProblem, Status
 from search.registry import make_searcher
 from search.space import DecisionSpace, build_space
