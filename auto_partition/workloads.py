@@ -20,11 +20,11 @@ def resolve(spec: str, size: str | None = None, *, scan: bool = False, remat: bo
         if len(parts) < 3:
             raise WorkloadError(f"model source {spec!r} is not 'builtin:NAME:SIZE[:scan][:remat]'.")
         extra = dict(p.split("=", 1) for p in parts[3:] if "=" in p)
-        unknown = sorted(set(extra) - {"batch_size", "seq_len"})
+        unknown = sorted(set(extra) - {"batch_size", "seq_len", "n_layers"})
         if unknown or not all(v.isdigit() for v in extra.values()):
             raise WorkloadError(
                 f"model source {spec!r} has unknown or non-integer options {sorted(extra)}; "
-                "write e.g. builtin:llama:8b:scan:batch_size=16:seq_len=4096."
+                "write e.g. builtin:llama:8b:scan:batch_size=16:seq_len=4096:n_layers=4."
             )
         flags = {p for p in parts[3:] if "=" not in p}
         if flags - {"scan", "remat"}:

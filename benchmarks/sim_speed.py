@@ -18,6 +18,11 @@ collector's full collections; `score` itself pauses the collector). One process,
 table and writes benchmarks/results/sim_speed.json.
 
     python benchmarks/sim_speed.py [--seconds 20] [--mesh data=8,model=8] [--nodes 8]
+
+How a cold evaluation's cost grows with depth (the same layer, fewer of it):
+
+    python benchmarks/sim_speed.py --modes full-cold \
+        --workloads builtin:llama:8b:n_layers=2,builtin:llama:8b:n_layers=8,builtin:llama:8b
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import sys
 import time
 
 WORKLOADS = ("builtin:llama:8b:scan", "builtin:llama:8b")
+MODES = ("one-decision", "random-shared", "full-cold")
 # Issue 3's targets, evaluations/s: one-decision changes on the scanned graph, full (cold)
 # evaluations of the unrolled one.
 TARGETS = {("builtin:llama:8b:scan", "one-decision"): 2000.0, ("builtin:llama:8b", "full-cold"): 50.0}
@@ -42,6 +48,7 @@ def _count_ops(g) -> int:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workloads", default=",".join(WORKLOADS))
+    p.add_argument("--modes", default=",".join(MODES), help=f"some of {', '.join(MODES)}")
     p.add_argument("--mesh", default="data=8,model=8")
     p.add_argument("--hardware", default="h100")
     p.add_argument("--nodes", type=int, default=8)
@@ -49,6 +56,10 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "sim_speed.json"))
     args = p.parse_args()
+    modes = args.modes.split(",")
+    width = max(24, *map(len, args.workloads.split(",")))  # the workload column
+    if set(modes) - set(MODES):
+        p.error(f"unknown modes {sorted(set(modes) - set(MODES))}; choose from {', '.join(MODES)}.")
 
     from auto_partition.workloads import resolve
     from cost_model.gc_pause import long_lived
@@ -70,7 +81,7 @@ def main() -> int:
         space = build_space(g, mesh)
         valid = list(space.enumerate())
         size = {"ops": _count_ops(g), "top_level_ops": len(g.ops), "values": len(g.values)}
-        for mode in ("one-decision", "random-shared", "full-cold"):
+        for mode in modes:
             clear_shared()  # scores and caches are shared per problem in a process: start cold
             with long_lived():  # as the CLI runs a search (auto_partition.search_cmd)
                 times = _evaluations(mode, problem, space, valid, args.seconds, random.Random(args.seed))
@@ -93,20 +104,20 @@ def main() -> int:
             row["target"] = target
             rows.append(row)
             print(
-                f"{source:24s} {mode:14s} ops={row['ops']:6d} evals={n:6d} "
+                f"{source:{width}s} {mode:14s} ops={row['ops']:6d} evals={n:6d} "
                 f"{row['evals_per_s']:8.1f}/s warm {row['warm_evals_per_s']:8.1f}/s"
                 + (f"  target {target:.0f}/s" if target else ""),
                 flush=True,
             )
     print()
     print(
-        f"{'workload':24s} {'mode':14s} {'ops':>6s} {'decisions':>9s} {'evals':>6s} "
+        f"{'workload':{width}s} {'mode':14s} {'ops':>6s} {'decisions':>9s} {'evals':>6s} "
         f"{'evals/s':>9s} {'warm/s':>9s} {'target':>7s}"
     )
     for r in rows:
         t = f"{r['target']:.0f}" if r["target"] else "-"
         print(
-            f"{r['workload']:24s} {r['mode']:14s} {r['ops']:6d} {r['decisions']:9d} {r['evaluations']:6d} "
+            f"{r['workload']:{width}s} {r['mode']:14s} {r['ops']:6d} {r['decisions']:9d} {r['evaluations']:6d} "
             f"{r['evals_per_s']:9.1f} {r['warm_evals_per_s']:9.1f} {t:>7s}"
         )
     os.makedirs(os.path.dirname(args.out), exist_ok=True)

@@ -55,6 +55,7 @@ def get(
     batch_size: int | None = None,
     seq_len: int | None = None,
     remat: bool = False,
+    n_layers: int | None = None,
 ) -> Workload:
     """Builds the training-step Workload of a built-in model without allocating any array.
 
@@ -66,11 +67,14 @@ def get(
       batch_size: override the global batch size.
       seq_len: override the sequence length (language models only).
       remat: activation checkpointing per layer (gpt, llama, bert, vit).
+      n_layers: override the number of layers (every model but mlp, whose widths are its layers):
+        the same layer, fewer or more of it.
 
     Returns:
       A Workload with `fn = train_step(params, opt_state, batch) -> (params, opt_state, loss)`,
       ShapeDtypeStruct `args`, `donate_argnums=(0, 1)`, `init(seed)` for real random inputs and
-      `source = 'builtin:{name}:{size}'` (plus ':scan', ':remat', ':batch_size=N', ':seq_len=N').
+      `source = 'builtin:{name}:{size}'` (plus ':scan', ':remat', ':batch_size=N', ':seq_len=N',
+      ':n_layers=N').
 
     Raises:
       WorkloadError: unknown name or size, scan for a model without it, or an invalid override.
@@ -84,10 +88,12 @@ def get(
             f"jax.lax.scan. Call get({name!r}, {size!r}) without scan."
         )
     overrides = {}
-    for field, value in (("batch_size", batch_size), ("seq_len", seq_len)):
+    sized = (("batch_size", batch_size), ("seq_len", seq_len), ("n_layers", n_layers))
+    fields = {f.name for f in dataclasses.fields(cfg)}
+    for field, value in sized:
         if value is None:
             continue
-        if not hasattr(cfg, field):
+        if field not in fields:
             raise WorkloadError(f"model {name!r} has no {field}; leave {field} unset for it.")
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise WorkloadError(f"{field} must be a positive integer, got {value!r}.")
@@ -100,7 +106,7 @@ def get(
     cfg = dataclasses.replace(cfg, **overrides)
     source = f"builtin:{name}:{size}" + (":scan" if scan else "") + (":remat" if remat else "")
     # Overrides travel in the source so a plan's workload rebuilds with the same shapes.
-    source += "".join(f":{k}={v}" for k, v in (("batch_size", batch_size), ("seq_len", seq_len)) if v)
+    source += "".join(f":{k}={v}" for k, v in sized if v)
     return module.build(cfg, scan=scan, source=source)
 
 

@@ -93,6 +93,14 @@ def test_names_and_sizes():
             "batch_size must be a positive integer, got 0.",
         ),
         (
+            lambda: registry.get("mlp", "tiny", n_layers=3),
+            "model 'mlp' has no n_layers; leave n_layers unset for it.",
+        ),
+        (
+            lambda: registry.get("llama", "tiny", n_layers=-1),
+            "n_layers must be a positive integer, got -1.",
+        ),
+        (
             lambda: registry.get("moe", "tiny", seq_len=1500),
             "moe: seq_len (1500) must be a multiple of the routing group size (1024); "
             "choose a seq_len that is.",
@@ -356,6 +364,23 @@ def test_source_records_shape_overrides_and_rebuilds_the_same_model():
     w = registry.get("llama", "tiny", scan=True, batch_size=16, seq_len=64)
     assert w.source == "builtin:llama:tiny:scan:batch_size=16:seq_len=64"
     assert resolve(w.source).fingerprint() == w.fingerprint()
+    deeper = resolve("builtin:llama:tiny:scan:n_layers=5")
+    assert deeper.source == "builtin:llama:tiny:scan:n_layers=5"
+    assert deeper.fingerprint() != resolve("builtin:llama:tiny:scan").fingerprint()
+
+
+def test_n_layers_override_repeats_the_same_layer():
+    """Fewer or more of the same layer: the stacked parameters' leading dim (scanned), or the
+    count of per-layer parameter groups (unrolled), follows n_layers; each layer's shapes stay."""
+    scanned = registry.get("llama", "tiny", scan=True, n_layers=5).args[0]["layers"]
+    base = registry.get("llama", "tiny", scan=True).args[0]["layers"]
+    for got, want in zip(jax.tree.leaves(scanned), jax.tree.leaves(base), strict=True):
+        assert got.shape == (5, *want.shape[1:])
+    for name in ("gpt", "bert", "vit", "moe"):
+        one = registry.get(name, "tiny", n_layers=1).args[0]
+        three = registry.get(name, "tiny", n_layers=3).args[0]
+        per_layer = len(jax.tree.leaves(three)) - len(jax.tree.leaves(one))
+        assert per_layer > 0 and per_layer % 2 == 0, name  # two more layers' worth
 
 
 def test_remat_recomputes_the_forward_and_saves_memory():
