@@ -4,17 +4,20 @@
 fused values afterwards (`Walk.settle_fused`). A searcher's peak needs only the bytes each step adds
 to those live, not the named buffers, and when no part of a propagation has its steps worked out
 (`part_steps`: a graph's first walk, or every walk of a searcher that keeps no caches) the same
-peak is found here with one pass of Python over the few operands read resharded and the
-collectives, and numpy over every read and write:
+peak is found here with one pass of Python over the collectives and numpy over every read and
+write:
 
 - the step of each node is a running sum (one per op, one per new resharded copy before it, one
   per collective);
 - each buffer's last read is a max over its readers' steps; a fused value's last read reaches its
-  producer's operands, worked out in rounds up its chains of fused producers (as many rounds as
-  the longest chain: 14 on Llama-8B) rather than value by value;
-- which operands an op reads resharded is a function of its span's decisions and the layouts of
-  what the span reads: found once per (decisions, layouts), so the 32 layers of an unrolled model,
-  decided alike, are looked at once.
+  producer's operands up its chains of fused producers: under the graph's own fusion at once,
+  over (fused value, buffer) pairs worked out with the graph (40,144 on Llama-8B); under
+  another, in rounds (as many as the longest chain: 14 on Llama-8B);
+- which operands an op reads resharded, whether each read takes a collective and its bytes are
+  a function of its span's decisions and the layouts of what the span reads: found once per
+  (decisions, layouts), so the 32 layers of an unrolled model, decided alike, are looked at
+  once; the copies they make (one per value and layout, before its first reader) are found
+  over arrays of the reads.
 
 XLA:CPU's choices are kept: a library reduction reading a slice of a fused value gets the slice
 written, a breadth-first schedule makes a scan's stacked outputs first, a reduce-scatter is an
@@ -26,7 +29,6 @@ at every step.
 
 from __future__ import annotations
 
-import operator
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -97,10 +99,6 @@ class _Arrays:
             self.spans.append((span.start, span.stop, reads, layouts))
 
 
-_FIRST = operator.itemgetter(0)
-_SECOND = operator.itemgetter(1)
-
-
 def _fusion_arrays(
     n_values: int, fused: frozenset[int], alias: dict[int, int], unbuffered
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -120,42 +118,174 @@ def _fusion_arrays(
     return is_fused, root_of, own
 
 
-def _resharded(w: Walk, a: _Arrays, memo: dict) -> list[tuple[int, int, int, Sharding]]:
-    """(op, operand position, value, layout read) of every operand of a live op read in another
-    layout than stored. By span: a function of the span's decisions and the layouts of its
-    operands, kept in `memo`."""
+def _fused_reach(
+    g: Graph, is_fused: np.ndarray, root_of: np.ndarray, a: _Arrays
+) -> tuple[np.ndarray, np.ndarray]:
+    """(fused value, buffer) pairs: per fused value, the buffers a read of it keeps live up its
+    chains of fused producers (the closure `walk_peak`'s rounds work out read by read)."""
+    producer = g.producer
+    reach: dict[int, frozenset[int]] = {}
+    pairs_v: list[int] = []
+    pairs_root: list[int] = []
+    src_ptr, src_value = a.src_ptr.tolist(), a.src_value.tolist()
+    fused_ids = np.flatnonzero(is_fused).tolist()
+    for v in sorted(fused_ids, key=lambda v: producer.get(v, -1)):  # producers first
+        found: set[int] = set()
+        for u in src_value[src_ptr[v] : src_ptr[v + 1]]:
+            if is_fused[u]:
+                found |= reach[u]
+            else:
+                found.add(int(root_of[u]))
+        reach[v] = frozenset(found)
+        pairs_v += [v] * len(found)
+        pairs_root += sorted(found)
+    return np.array(pairs_v, dtype=np.int64), np.array(pairs_root, dtype=np.int64)
+
+
+def _fused_rounds(
+    a: _Arrays, is_fused: np.ndarray, root_of: np.ndarray, fused_read: np.ndarray, last_read: np.ndarray
+) -> None:
+    """`_fused_reach`'s closure under a plan's own fusion: rounds over the fused values whose last
+    read moved in the round before, each passing it to its producer's operands (as many rounds
+    as the longest chain of fused producers). Updates `last_read` (and `fused_read`)."""
+    src_ptr, src_value = a.src_ptr, a.src_value
+    front = np.flatnonzero(fused_read >= 0)
+    while front.size:
+        starts = src_ptr[front]
+        counts = src_ptr[front + 1] - starts
+        total = int(counts.sum())
+        if not total:
+            break
+        offsets = np.cumsum(counts) - counts
+        sources = src_value[np.repeat(starts - offsets, counts) + np.arange(total)]
+        times = np.repeat(fused_read[front], counts)
+        inner = is_fused[sources]
+        np.maximum.at(last_read, root_of[sources[~inner]], times[~inner])
+        was = fused_read.copy()
+        np.maximum.at(fused_read, sources[inner], times[inner])
+        front = np.flatnonzero(fused_read > was)
+
+
+class _Reads:
+    """The operands read resharded, as arrays with one entry per read: the op, the operand's
+    position, whether reading it takes a collective (else it is a local slice), its bytes as read,
+    and its layout read (dims) as an index among the walk's."""
+
+    __slots__ = ("moved", "nbytes", "op", "operand", "want")
+
+    def __init__(self, op, operand, moved, nbytes, want):
+        self.op, self.operand, self.moved, self.nbytes, self.want = op, operand, moved, nbytes, want
+
+    @classmethod
+    def of(cls, chunks: list[tuple]) -> _Reads:
+        """The reads of chunks (op, operand, moved, bytes, layout) of arrays, one after another."""
+        return cls(*map(np.concatenate, zip(_NO_READS, *chunks, strict=True)))
+
+    def sorted_by(self, position: np.ndarray) -> _Reads:
+        """The reads by (schedule position of their op, operand position)."""
+        order = np.lexsort((self.operand, position[self.op]))
+        return _Reads(
+            *(column[order] for column in (self.op, self.operand, self.moved, self.nbytes, self.want))
+        )
+
+
+_NO_READS = (
+    np.empty(0, np.int64),
+    np.empty(0, np.int64),
+    np.empty(0, bool),
+    np.empty(0, np.int64),
+    np.empty(0, np.int64),
+)
+
+
+def _span_reads(w: Walk, decided: tuple, start: int, reads: tuple, have: tuple) -> tuple:
+    """`_resharded`'s entry for a span: (its decisions; None if it reads nothing resharded, else per
+    such read its op's offset in the span, the operand position, whether it moves, its bytes as
+    read, its layout read's dims). Spans entered alike (one class, the same layouts) read alike."""
+    found = []
+    for (n, k), h in zip(reads, have, strict=True):
+        d = decided[n - start]
+        want = d.operands[k] if d is not None else None
+        if want is not None and want is not h and want.dims != h.dims:
+            found.append((n, k, want))
+    if not found:
+        return (decided, None)
     prop = w.prop
     ops = prop.graph.ops
-    decisions = prop.ops
+    return (
+        decided,
+        np.array([n - start for n, _, _ in found], dtype=np.int64),
+        np.array([k for _, k, _ in found], dtype=np.int64),
+        np.array([moves(prop, ops[n].inputs[k], want, w.cache) for n, k, want in found], dtype=bool),
+        np.array([w.size(ops[n].inputs[k], want) for n, k, want in found], dtype=np.int64),
+        tuple(want.dims for _, _, want in found),
+    )
+
+
+def _library_slices(r: _Reads, r_value: np.ndarray, of_fused: np.ndarray, library) -> tuple[dict, list]:
+    """({(value, layout): [bytes, first step, last step]}, [((value, layout), op, operand position)])
+    of the local slices of fused values (`of_fused` of the reads `r`, in schedule order) that a
+    library reads: the value's producer writes the slice, read by that library op and every
+    later reader of the same slice; readers before the first library one fuse it."""
+    copies: dict[tuple, list] = {}
+    reads = []
+    for i in np.flatnonzero(of_fused).tolist():
+        n = int(r.op[i])
+        key = (int(r_value[i]), int(r.want[i]))
+        if key not in copies:
+            if n not in library:
+                continue
+            copies[key] = [int(r.nbytes[i]), 0, 0]
+        reads.append((key, n, int(r.operand[i])))
+    return copies, reads
+
+
+def _resharded(w: Walk, a: _Arrays, memo: dict) -> tuple[_Reads, int]:
+    """(every operand of a live op read in another layout than stored, in no order; how many
+    layouts they are read in). By span: a function of the span's decisions and the layouts of
+    its operands, kept in `memo`, so the layers of an unrolled model, decided alike, are looked
+    at once."""
+    prop = w.prop
     shardings = prop.shardings
-    out = []
     parts = prop.parts
+    layouts: dict[tuple, int] = {}  # dims -> index
     if len(parts) == len(a.spans):
-        for part, (start, stop, reads, layouts) in zip(parts, a.spans, strict=True):
+        by_entry: dict[int, list] = {}  # id(entry) -> [entry, the starts of the spans it is]
+        for part, (start, stop, reads, read_layouts) in zip(parts, a.spans, strict=True):
             if part.span.start != start or part.span.stop != stop:
                 break  # not the graph's spans: op by op, below
             if not reads:
                 continue
-            have = layouts(shardings)
+            have = read_layouts(shardings)
             key = (id(part.ops), have)
             hit = memo.get(key)
             if hit is None or hit[0] is not part.ops:
-                found = []
-                for (n, k), h in zip(reads, have, strict=True):
-                    decided = part.ops[n - start]
-                    want = decided.operands[k] if decided is not None else None
-                    if want is not None and want is not h and want.dims != h.dims:
-                        found.append((n - start, k))
-                hit = memo[key] = (part.ops, tuple(found))
-            if hit[1]:
-                out += [
-                    (start + at, k, ops[start + at].inputs[k], decisions[start + at].operands[k])
-                    for at, k in hit[1]
-                ]
+                hit = memo[key] = _span_reads(w, part.ops, start, reads, have)
+            if hit[1] is not None:
+                seen = by_entry.get(id(hit))
+                if seen is None:
+                    by_entry[id(hit)] = [hit, [start]]
+                else:
+                    seen[1].append(start)
         else:
-            return out
-        out.clear()
-    for n in prop.graph.live_ops:  # (any order: `walk_peak` sorts them by schedule)
+            chunks = []
+            for (_, at, ks, moved, nbytes, dims), starts in by_entry.values():
+                times = len(starts)
+                ids = np.array([layouts.setdefault(d, len(layouts)) for d in dims], dtype=np.int64)
+                chunks.append(
+                    (
+                        (np.array(starts, dtype=np.int64)[:, None] + at).ravel(),
+                        np.tile(ks, times),
+                        np.tile(moved, times),
+                        np.tile(nbytes, times),
+                        np.tile(ids, times),
+                    )
+                )
+            return _Reads.of(chunks), len(layouts)
+    ops = prop.graph.ops
+    decisions = prop.ops
+    found = []
+    for n in prop.graph.live_ops:
         decided = decisions[n]
         if decided is None:
             continue
@@ -163,8 +293,15 @@ def _resharded(w: Walk, a: _Arrays, memo: dict) -> list[tuple[int, int, int, Sha
             if want is not None:
                 have = shardings[vid]
                 if want is not have and want.dims != have.dims:
-                    out.append((n, k, vid, want))
-    return out
+                    found.append((n, k, vid, want))
+    chunk = (
+        np.array([n for n, _, _, _ in found], dtype=np.int64),
+        np.array([k for _, k, _, _ in found], dtype=np.int64),
+        np.array([moves(prop, vid, want, w.cache) for _, _, vid, want in found], dtype=bool),
+        np.array([w.size(vid, want) for _, _, vid, want in found], dtype=np.int64),
+        np.array([layouts.setdefault(want.dims, len(layouts)) for _, _, _, want in found], dtype=np.int64),
+    )
+    return _Reads.of([chunk]), len(layouts)
 
 
 def walk_peak(
@@ -195,43 +332,48 @@ def walk_peak(
     shardings = prop.shardings
     fused, alias = w.fused, w.alias
 
+    every = g.derived("fusion.every_alias", every_alias)
+    if fused is every[1] and alias is every[0] and unbuffered is every[2]:
+        # (nearly every plan: the graph's own fusion, its arrays made once with it)
+        is_fused, root_of, own = g.derived(
+            "walk_arrays.every_alias", lambda g: _fusion_arrays(n_values, fused, alias, unbuffered)
+        )
+        reach = g.derived("walk_arrays.fused_reach", lambda g: _fused_reach(g, is_fused, root_of, a))
+    else:
+        is_fused, root_of, own = _fusion_arrays(n_values, fused, alias, unbuffered)
+        reach = None
+
     # Operands read resharded, in schedule order: a copy made before the op the first time
     # (value, layout) is read, reused after; a local slice of a fused or generated value needs none.
     position = np.empty(len(ops), dtype=np.int64)
     position[op_nodes] = np.flatnonzero(is_op)
-    resharded = _resharded(w, a, memo)
-    if resharded:  # by (schedule position, operand position)
-        ns = np.fromiter(map(_FIRST, resharded), np.int64, len(resharded))
-        ks = np.fromiter(map(_SECOND, resharded), np.int64, len(resharded))
-        resharded = list(map(resharded.__getitem__, np.lexsort((ks, position[ns])).tolist()))
+    r, n_layouts = _resharded(w, a, memo)
+    r = r.sorted_by(position)
+    r_value = a.in_value[a.in_ptr[r.op] + r.operand]
+    r_root = root_of[r_value]
+    r_fused = is_fused[r_value]
+    # Copies: what moves, and local slices of what is neither fused nor generated.
+    copied = r.moved | ~(r_fused | a.generated[r_root])
+    # Per copy, (value, layout) as one number; its first read (`made`, in schedule order) makes it.
+    r_key = r_value[copied] * max(1, n_layouts) + r.want[copied]
+    keys, first, of_key = np.unique(r_key, return_index=True, return_inverse=True)
+    made = np.sort(first)
+    made_before = r.op[copied][made]  # the op each copy is made before
     increment = np.ones(len(node), dtype=np.int64)
-    copied_before = []  # per copy made, the op it is made before
-    copies: dict[tuple, list] = {}  # (value, dims) -> [bytes, first step, last step]
-    made = []  # (op, buffer copied, key) of each copy made, in order
-    copy_reads: list[tuple] = []  # (key, op, operand position)
-    sliced, generated_values = w.sliced, w.generated
+    if len(made):
+        np.add.at(increment, position[made_before], 1)
+    sliced = w.sliced
+    sliced_only = ~copied & ~r_fused
+    for root, b in zip(r_root[sliced_only].tolist(), r.nbytes[sliced_only].tolist(), strict=True):
+        sliced[root] = max(sliced.get(root, 0), b)  # a local slice of a generated value: made so
+    # A library reading a slice of a fused value: its producer writes the slice (see
+    # `_library_slices`). Else a local slice of a fused value fuses too.
     library = w.library
-    written_slices = []  # (key, value): a slice of a fused value its producer writes
-    for n, k, vid, want in resharded:
-        key = (vid, want.dims)
-        if key not in copies:
-            moved = moves(prop, vid, want, w.cache)
-            if not moved and vid in fused:
-                if n in library:  # a library reads the slice: the value's producer writes it
-                    copies[key] = [w.size(vid, want), 0, 0]
-                    written_slices.append((key, vid))
-                    copy_reads.append((key, n, k))
-                continue  # else a local slice of a fused value fuses too
-            root = alias.get(vid, vid)
-            if not moved and root in generated_values:
-                sliced[root] = max(sliced.get(root, 0), w.size(vid, want))
-                continue
-            copies[key] = [w.size(vid, want), 0, 0]
-            copied_before.append(n)
-            made.append((n, root, key))
-        copy_reads.append((key, n, k))
-    if copied_before:
-        np.add.at(increment, position[copied_before], 1)
+    of_fused = ~copied & r_fused
+    if library and of_fused.any():
+        lib_copies, lib_reads = _library_slices(r, r_value, of_fused, library)
+    else:
+        lib_copies, lib_reads = {}, []
     # A reduce-scatter lowered as an all-reduce: the slice one step after the collective.
     as_all_reduce = {}
     if w.compiler.reduce_scatter_as_all_reduce:
@@ -247,39 +389,36 @@ def walk_peak(
     step[op_nodes] = step_of_node[is_op]
 
     last_read = np.full(n_values, -1, dtype=np.int64)
-    count: dict[int, int] = {}  # op -> copies made before it
-    places = []  # each copy's place among its op's, from 0
-    for n, _, _ in made:
-        places.append(count.get(n, 0))
-        count[n] = places[-1] + 1
-    for (n, root, key), place in zip(made, places, strict=True):
-        at = int(step[n]) - count[n] + place  # one step each, just before the op
-        copies[key][1] = copies[key][2] = at
-        if last_read[root] < at:
-            last_read[root] = at
+    # The copies made before one op take a step each just before it, in the order first read.
+    copy_at = step[made_before]
+    if len(made):
+        new_op = np.ones(len(made), dtype=bool)
+        new_op[1:] = made_before[1:] != made_before[:-1]
+        run = np.cumsum(new_op) - 1
+        run_start = np.flatnonzero(new_op)
+        run_length = np.diff(np.append(run_start, len(made)))
+        copy_at = copy_at - run_length[run] + (np.arange(len(made)) - run_start[run])
+        np.maximum.at(last_read, r_root[copied][made], copy_at)
+    copy_first = np.empty(len(keys), dtype=np.int64)
+    copy_first[of_key[made]] = copy_at
+    copy_last = np.full(len(keys), -1, dtype=np.int64)
+    np.maximum.at(copy_last, of_key, step[r.op[copied]])
+    copy_bytes = r.nbytes[copied][first]
     written = np.full(n_values, -1, dtype=np.int64)
     written[a.out_value] = step[a.out_op]
     if w.compiler.breadth_first:
         for _, stacked in a.stacked:
             written[stacked] = 1
-    for key, vid in written_slices:
-        copies[key][1] = copies[key][2] = int(written[vid])
     via_copy = np.zeros(len(a.in_value), dtype=bool)
-    for key, n, k in copy_reads:
+    via_copy[a.in_ptr[r.op[copied]] + r.operand[copied]] = True
+    for (vid, _), copy in lib_copies.items():
+        copy[1] = copy[2] = int(written[vid])
+    for key, n, k in lib_reads:
         via_copy[a.in_ptr[n] + k] = True
-        at = int(step[n])
-        if copies[key][2] < at:
-            copies[key][2] = at
+        copy = lib_copies[key]
+        copy[2] = max(copy[2], int(step[n]))
 
     # Reads as stored: of a buffer (through its alias), or of a fused value (settled below).
-    every = g.derived("fusion.every_alias", every_alias)
-    if fused is every[1] and alias is every[0] and unbuffered is every[2]:
-        # (nearly every plan: the graph's own fusion, its arrays made once with it)
-        is_fused, root_of, own = g.derived(
-            "walk_arrays.every_alias", lambda g: _fusion_arrays(n_values, fused, alias, unbuffered)
-        )
-    else:
-        is_fused, root_of, own = _fusion_arrays(n_values, fused, alias, unbuffered)
     read = a.in_live & ~via_copy
     of_fused = is_fused[a.in_value]
     plain = read & ~of_fused
@@ -352,32 +491,23 @@ def walk_peak(
             delta[step[n] + 1] -= inner
 
     # A fused value read at step t keeps its producer's operands live until t, through those
-    # fused themselves: rounds over the values whose last read moved in the round before.
-    src_ptr, src_value = a.src_ptr, a.src_value
-    front = np.flatnonzero(fused_read >= 0)
-    while front.size:
-        starts = src_ptr[front]
-        counts = src_ptr[front + 1] - starts
-        total = int(counts.sum())
-        if not total:
-            break
-        offsets = np.cumsum(counts) - counts
-        sources = src_value[np.repeat(starts - offsets, counts) + np.arange(total)]
-        times = np.repeat(fused_read[front], counts)
-        inner = is_fused[sources]
-        np.maximum.at(last_read, root_of[sources[~inner]], times[~inner])
-        was = fused_read.copy()
-        np.maximum.at(fused_read, sources[inner], times[inner])
-        front = np.flatnonzero(fused_read > was)
+    # fused themselves: under the graph's own fusion at once, over the pairs (fused value, buffer
+    # it keeps live) worked out with it; else in rounds up the chains.
+    if reach is not None:
+        np.maximum.at(last_read, reach[1], fused_read[reach[0]])
+    else:
+        _fused_rounds(a, is_fused, root_of, fused_read, last_read)
     last_read[np.fromiter(w.returned, np.int64, len(w.returned))] = last  # read as the step returns
 
     if w.compiler.copies_donated_inputs:
         for _, b, first, end in donated_copies(prop, order, groups, alias, step.tolist(), w.size):
             delta[first] += b
             delta[end + 1] -= b
-    for b, first, end in copies.values():
+    for b, first, end in lib_copies.values():
         at_steps += (first, end + 1)
         added += (b, -b)
+    np.add.at(delta, copy_first, copy_bytes)
+    np.add.at(delta, copy_last + 1, -copy_bytes)
     if at_steps:
         np.add.at(delta, at_steps, added)
     vids = np.flatnonzero((written >= 0) & own & (last_read >= 0))
