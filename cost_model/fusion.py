@@ -122,12 +122,23 @@ def fused_and_aliased(
             ):
                 library.add(op.id)
     alias: dict[int, int] = {}
+    # Whether an alias op shares its operand's buffer is a function of its kind (shapes), its
+    # decision and the two layouts: found once per (kind, decision, layouts) in a call (the
+    # layers of an unrolled model are alike). Decisions are kept alive by `prop`: keyed by id.
+    kinds = g.op_kinds
+    decisions = prop.ops
+    shares: dict[tuple, bool] = {}
     for op in g.derived("fusion.alias_ops", _alias_ops):
-        decided = prop.ops[op.id]
+        decided = decisions[op.id]
         if decided is None:
             continue
         src, vid = op.inputs[0], op.outputs[0]
-        if decided.operands[0] == shardings[src] and elements(src) == elements(vid):
+        have = shardings[src]
+        key = (kinds[op.id], id(decided), have, shardings[vid])
+        same = shares.get(key)
+        if same is None:
+            same = shares[key] = decided.operands[0] == have and elements(src) == elements(vid)
+        if same:
             alias[vid] = alias.get(src, src)
     # Library ops that read a value as a local slice of it (XLA fuses the slice into the
     # value's producer and writes the slice the library reads, not the value).
