@@ -300,38 +300,41 @@ def _program_order(g: Graph, order: list[Op], groups: list[list[Resolution]]) ->
     order, each as soon as it is ready; one that is not (it reads a collective ranked after it)
     waits, and is taken, smallest rank first, as soon as what it waits for has run. The edges
     between ops are the graph's, worked out once per `order`; only the readers of a collective's
-    values change per schedule. An op that reads no collective is ready when none of the ops
-    it reads waits, and then readies nothing: only a waiting op's edges are followed."""
+    values change per schedule. An op that reads no collective is ready when none of the nodes
+    it reads waits, and then readies nothing: only a waiting node's edges are followed. A
+    collective is ranked after all its inputs' producers, so only the readers of a combined
+    collective can come before it; the others are ready when reached unless something they
+    read waits, and their edges are worked out only then."""
     static = g.derived(("compiler.program_order", id(order)), lambda g: _edges(g, order))
     if static[0] is not order:  # another list under a reused id: work it out again
         static = _edges(g, order)
     _, position, op_deps, op_users, ids = static
     producer = g.producer
     consumers = g.consumers
+    ops = g.ops
     group_of = {r.value: -1 - k for k, members in enumerate(groups) for r in members}
     rank: dict[int, int] = {}
-    deps: dict[int, set[int]] = {}  # of the collectives, and of the ops that read one
-    gained: dict[int, list[int]] = {}  # node -> its users the collectives add to the graph's
-    lost: set[tuple[int, int]] = set()  # (node, user) edges of the graph's the collectives remove
+    deps: dict[int, set[int]] = {}  # of the collectives, and of the ops that read one, once known
+    late: list[int] = []  # the positions of the ops that read a collective ranked after them
     for k, members in enumerate(groups):
         ds = {producer[r.value] for r in members}
-        rank[-1 - k] = 2 * max(position[d] for d in ds) + 1
+        rank[-1 - k] = at = 2 * max(position[d] for d in ds) + 1
         deps[-1 - k] = ds
-        for d in ds:
-            gained.setdefault(d, []).append(-1 - k)
-    readers = {r for v in group_of for r in consumers.get(v, ()) if r in position}
-    for n in readers:
-        new = _waits_for(g, g.ops[n], group_of, position)
-        old = op_deps[n]
-        lost.update((d, n) for d in old - new)
-        for d in new - old:
-            gained.setdefault(d, []).append(n)
-        deps[n] = new
+        if len(ds) > 1:  # a member's reader may come before another member's producer
+            for r in members:
+                for n in consumers.get(r.value, ()):
+                    p = position.get(n)
+                    if p is not None and 2 * p < at and n not in deps:
+                        deps[n] = _waits_for(g, ops[n], group_of, position)
+                        late.append(p)
     ranked = sorted(rank, key=lambda n: (rank[n], n))  # the collectives, among ops of even rank
     out: list[int] = []
     waiting: set[int] = set()  # nodes reached, not run yet
     collected: set[int] = set()  # collectives run
     pending: dict[int, int] = {}  # per waiting node, how many of what it waits for have not run
+    # The edges of waiting nodes the collectives change, worked out as each comes to wait:
+    gained: dict[int, list[int]] = {}  # node -> its waiting users the collectives add
+    lost: set[tuple[int, int]] = set()  # (node, waiting user) edges of the graph's they remove
     heap: list[tuple[int, int]] = []
     no_users: tuple[int, ...] = ()
 
@@ -351,9 +354,23 @@ def _program_order(g: Graph, order: list[Op], groups: list[list[Resolution]]) ->
     def wait(n: int, p: int) -> None:  # n waits for p nodes
         pending[n] = p
         waiting.add(n)
-        if n >= 0:  # the ops that read it may wait in turn: looked at one by one
-            for u in op_users.get(n, no_users):
-                heapq.heappush(watch, position[u])
+        ds = deps.get(n)
+        if n < 0:
+            for d in ds:
+                gained.setdefault(d, []).append(n)
+            # The ops that read it may wait in turn: looked at one by one.
+            for r in groups[-1 - n]:
+                for u in consumers.get(r.value, ()):
+                    if u in position:
+                        heapq.heappush(watch, position[u])
+            return
+        if ds is not None:  # it reads a collective
+            old = op_deps[n]
+            lost.update((d, n) for d in old - ds)
+            for d in ds - old:
+                gained.setdefault(d, []).append(n)
+        for u in op_users.get(n, no_users):  # the ops that read it may wait in turn
+            heapq.heappush(watch, position[u])
 
     def take(n: int) -> None:  # a collective, or an op that reads one
         # What it waits for: ops reached before it that wait, collectives not run.
@@ -367,10 +384,11 @@ def _program_order(g: Graph, order: list[Op], groups: list[list[Resolution]]) ->
             waiting.discard(m)
             run(m)
 
-    # The positions of the ops that read a collective (then the end): the ops up to the next of
-    # them or the next collective's rank run as they come, in one go, but for those that read
-    # an op that waits (`watch`: the positions of the readers of every op that came to wait).
-    stops = sorted([position[n] for n in deps if n >= 0])
+    # The positions of the ops that read a later collective (then the end): the ops up to the
+    # next of them or the next collective's rank run as they come, in one go, but for those
+    # that read a node that waits (`watch`: the positions of the readers of every node that
+    # came to wait).
+    stops = sorted(late)
     stops.append(len(ids))
     watch: list[int] = []
     s = k = i = 0
@@ -396,9 +414,14 @@ def _program_order(g: Graph, order: list[Op], groups: list[list[Resolution]]) ->
             next_rank = rank[ranked[k]] if k < len(ranked) else -1
         if n in deps:
             take(n)
-        elif not waiting or waiting.isdisjoint(op_deps[n]):
-            # `take` inline: ready, and what reads it comes after it (ops, and collectives
-            # ranked after it), so it readies nothing waiting and the heap stays empty.
+        elif not waiting:
+            # `take` inline: ready (what it reads has run: collectives ranked before it, ops
+            # before it), and what reads it comes after it, so it readies nothing.
+            out.append(n)
+        elif any(u in group_of for u in ops[n].inputs):  # it reads a collective, maybe waiting
+            deps[n] = _waits_for(g, ops[n], group_of, position)
+            take(n)
+        elif waiting.isdisjoint(op_deps[n]):
             out.append(n)
         else:  # it waits for ops that wait
             wait(n, len(waiting.intersection(op_deps[n])))
