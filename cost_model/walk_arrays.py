@@ -362,16 +362,17 @@ def walk_peak(
     increment = np.ones(len(node), dtype=np.int64)
     if len(made):
         np.add.at(increment, position[made_before], 1)
+    # A local slice of a generated value: the value is made at the size read.
     sliced = w.sliced
-    sliced_only = ~copied & ~r_fused
-    for root, b in zip(r_root[sliced_only].tolist(), r.nbytes[sliced_only].tolist(), strict=True):
-        sliced[root] = max(sliced.get(root, 0), b)  # a local slice of a generated value: made so
+    of_generated = ~copied & ~r_fused
+    for root, b in zip(r_root[of_generated].tolist(), r.nbytes[of_generated].tolist(), strict=True):
+        sliced[root] = max(sliced.get(root, 0), b)
     # A library reading a slice of a fused value: its producer writes the slice (see
     # `_library_slices`). Else a local slice of a fused value fuses too.
     library = w.library
-    of_fused = ~copied & r_fused
-    if library and of_fused.any():
-        lib_copies, lib_reads = _library_slices(r, r_value, of_fused, library)
+    slices_of_fused = ~copied & r_fused
+    if library and slices_of_fused.any():
+        lib_copies, lib_reads = _library_slices(r, r_value, slices_of_fused, library)
     else:
         lib_copies, lib_reads = {}, []
     # A reduce-scatter lowered as an all-reduce: the slice one step after the collective.
@@ -379,7 +380,7 @@ def walk_peak(
     if w.compiler.reduce_scatter_as_all_reduce:
         for p in np.flatnonzero(~is_op).tolist():
             group = groups[-1 - nodes[p]]
-            found = [r for r in group if r.key and r.first is CollectiveKind.REDUCE_SCATTER]
+            found = [x for x in group if x.key and x.first is CollectiveKind.REDUCE_SCATTER]
             if found:
                 as_all_reduce[p] = found
                 increment[p] += 1
