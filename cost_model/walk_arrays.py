@@ -145,9 +145,10 @@ def _fused_reach(
 def _fused_rounds(
     a: _Arrays, is_fused: np.ndarray, root_of: np.ndarray, fused_read: np.ndarray, last_read: np.ndarray
 ) -> None:
-    """`_fused_reach`'s closure under a plan's own fusion: rounds over the fused values whose last
-    read moved in the round before, each passing it to its producer's operands (as many rounds
-    as the longest chain of fused producers). Updates `last_read` (and `fused_read`)."""
+    """`_fused_reach`'s closure under a fusion other than the graph's own: rounds over the fused
+    values whose last read moved in the round before, each passing it to its producer's operands
+    (as many rounds as the longest chain of fused producers). Updates `last_read` (and
+    `fused_read`)."""
     src_ptr, src_value = a.src_ptr, a.src_value
     front = np.flatnonzero(fused_read >= 0)
     while front.size:
