@@ -217,10 +217,22 @@ def _group(cands: list[Resolution], anc: list[int], bit: list[int], compiler: Co
     }
     by_key: dict[tuple, list[int]] = {}
     at = []  # per candidate, its place among its key's
-    for r in cands:
-        same = by_key.setdefault(r.key, [])
+    # Per key, its candidates under the threshold (one over it is a group of its own and never
+    # depends on a member, so its bits are never tested), and per place among its candidates
+    # how many of those come before it: what the sweep after a merge looks at.
+    small: dict[tuple, list[int]] = {}
+    small_before: dict[tuple, list[int]] = {}
+    for c, r in enumerate(cands):
+        key = r.key
+        same = by_key.get(key)
+        if same is None:
+            same = by_key[key] = []
+            small[key], small_before[key] = [], []
         at.append(len(same))
-        same.append(len(at) - 1)
+        same.append(c)
+        small_before[key].append(len(small[key]))
+        if r.bytes <= limit[key[0]]:
+            small[key].append(c)
     placed = dict.fromkeys(by_key, 0)  # key -> how many of its candidates are placed
     groups: list[list[int]] = []
     head = 0  # every candidate before it is placed
@@ -234,6 +246,7 @@ def _group(cands: list[Resolution], anc: list[int], bit: list[int], compiler: Co
         cap = limit[key[0]]
         chosen: list[int] = []
         total = 0
+        bits = inputs = 0  # the members' bits; the bits of what their inputs depend on
         k = placed[key]
         while k < len(same):
             c = same[k]
@@ -246,9 +259,11 @@ def _group(cands: list[Resolution], anc: list[int], bit: list[int], compiler: Co
             if total + cands[c].bytes > cap:
                 break
             # Dependent either way (a merged group can make an earlier op wait on a later one).
-            if any(anc[c] & bit[m] or anc[m] & bit[c] for m in chosen):
+            if anc[c] & bits or inputs & bit[c]:
                 break
             chosen.append(c)
+            bits |= bit[c]
+            inputs |= anc[c]
             total += cands[c].bytes
             k += 1
             if len(chosen) >= compiler.combine_count:
@@ -259,12 +274,10 @@ def _group(cands: list[Resolution], anc: list[int], bit: list[int], compiler: Co
         if len(chosen) > 1:
             # Whoever depended on one member now depends on every member's inputs. The sets stay
             # transitively closed, so one sweep (of the candidates not placed) suffices.
-            bits = mask = 0
-            for m in chosen:
-                bits |= bit[m]
-                mask |= anc[m] | bit[m]
-            for key_, cs in by_key.items():
-                for c in cs[placed[key_] :]:
+            mask = inputs | bits
+            for key_, cs in small.items():
+                j = placed[key_]
+                for c in cs[small_before[key_][j] :] if j < len(by_key[key_]) else ():
                     if anc[c] & bits:
                         anc[c] |= mask
 
