@@ -331,7 +331,7 @@ def _program_order(g: Graph, order: list[Op], groups: list[list[Resolution]]) ->
     late: list[int] = []  # the positions of the ops that read a collective ranked after them
     for k, members in enumerate(groups):
         ds = {producer[r.value] for r in members}
-        rank[-1 - k] = at = 2 * max(position[d] for d in ds) + 1
+        rank[-1 - k] = at = 2 * max(map(position.__getitem__, ds)) + 1
         deps[-1 - k] = ds
         if len(ds) > 1:  # a member's reader may come before another member's producer
             for r in members:
@@ -386,8 +386,13 @@ def _program_order(g: Graph, order: list[Op], groups: list[list[Resolution]]) ->
             heapq.heappush(watch, position[u])
 
     def take(n: int) -> None:  # a collective, or an op that reads one
-        # What it waits for: ops reached before it that wait, collectives not run.
-        p = sum(1 for d in deps[n] if d in waiting or (d < 0 and d not in collected))
+        # What it waits for: ops reached before it that wait, collectives not run. (A
+        # collective is taken after all its producers are reached: it waits only for those
+        # that wait.)
+        if n < 0:
+            p = len(waiting.intersection(deps[n])) if waiting else 0
+        else:
+            p = sum(1 for d in deps[n] if d in waiting or (d < 0 and d not in collected))
         if p:
             wait(n, p)
             return
