@@ -187,6 +187,13 @@ class _Propagator:
         self.classes: tuple[int, ...] | None = classes if constraint is None else None
         self.meetings = graph.derived("propagate.sum_paths", sum_paths)
         self.sum_readers = graph.derived("propagate.sum_readers", _sum_readers)
+        # Per op, what its decision is a function of besides its operands' layouts and targets
+        # (`_decide`): its rule and the order its operands propose in.
+        self.decides_as = (
+            graph.derived(("propagate.decides_as", self.batch), lambda g: _decides_as(g, self.batch))
+            if cache is not None
+            else None
+        )
 
     # -- driver ----------------------------------------------------------------------------------
 
@@ -395,7 +402,17 @@ class _Propagator:
         return tuple(cur[vid] for vid in op.inputs)
 
     def _decide(self, op: Op, ins: tuple, targets: tuple) -> tuple:
-        """(OpSharding, result shardings, sum groups) of one op."""
+        """(OpSharding, result shardings, sum groups) of one op.
+
+        With a cache, ops of other kinds with the same rule, operand order, operands' layouts
+        and targets (an add and a multiply of one shape) share the work: each kind gets its own
+        OpSharding of the same factors (costs and resolutions downstream are kept per decision
+        object and op kind)."""
+        if self.cache is not None:
+            alike = (self.gkey, self.decides_as[op.id], ins, targets)
+            made = self.cache.decisions.get(alike)
+            if made is not None:
+                return OpSharding(made[0].factors, made[0].operands), made[1], made[2]
         rule = op.rule
         g = self.g
         proposals = [
@@ -406,7 +423,10 @@ class _Propagator:
         factors = assign_factors(rule, proposals, self.mesh)
         operands = tuple(Sharding(tensor_dims(rule.operands[k], factors)) for k in range(len(op.inputs)))
         results, groups = result_shardings(rule, factors)
-        return OpSharding(factors, operands), results, groups
+        out = OpSharding(factors, operands), results, groups
+        if self.cache is not None:
+            self.cache.decisions[alike] = out
+        return out
 
     # -- reading a value with a given sharding -----------------------------------------------------
 
@@ -575,6 +595,25 @@ class _Propagator:
         self.bodies[op.id] = tuple(subs)
         for j, vid in enumerate(op.outputs):
             self.cur[vid] = outs[j]
+
+
+def _decides_as(graph: Graph, batch: frozenset[int]) -> tuple[int, ...]:
+    """Per op, a number for what `_Propagator._decide` reads of it besides its operands' layouts
+    and targets: its rule, and the order its operands propose in (those derived from the batch
+    first, then the larger, then the first). -1 for an op without a rule."""
+    values = graph.values
+    seen: dict[tuple, int] = {}
+    out = []
+    for op in graph.ops:
+        if op.rule is None:
+            out.append(-1)
+            continue
+        ins = op.inputs
+        order = sorted(
+            range(len(ins)), key=lambda k: (ins[k] in batch, values[ins[k]].nbytes, -k), reverse=True
+        )
+        out.append(seen.setdefault((op.rule, tuple(order)), len(seen)))
+    return tuple(out)
 
 
 def propagate_plan(graph: Graph, plan) -> Propagation:

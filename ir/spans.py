@@ -309,6 +309,9 @@ class PropagationCache:
 
     def __init__(self):
         self.ops: dict[tuple, tuple] = {}
+        # (graph key, rule and operand order (`ir.propagate._decides_as`), operands, targets) ->
+        # a decision, shared by ops of other kinds that decide alike
+        self.decisions: dict[tuple, tuple] = {}
         self.reads: dict[tuple, tuple[list[Collective], Sharding]] = {}
         self.reshards: dict[tuple, tuple[list[Collective], Sharding]] = {}  # by (shape, dtype, ...)
         self.bodies: dict[tuple, Propagation] = {}
@@ -331,6 +334,7 @@ class PropagationCache:
     def __len__(self) -> int:
         return (
             len(self.ops)
+            + len(self.decisions)
             + len(self.reads)
             + len(self.reshards)
             + len(self.bodies)

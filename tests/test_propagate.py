@@ -353,6 +353,36 @@ def test_a_span_entered_as_another_of_its_class_replays_its_part_renamed_as_reco
     assert renamed  # (not every span was recorded)
 
 
+def test_ops_of_other_kinds_that_decide_alike_share_the_decision_work_not_the_object():
+    # An add and a multiply of one shape, with the same operand order and layouts, take the same
+    # factors: with a cache the factors are assigned once, but each op kind keeps a decision
+    # object of its own (costs and resolutions downstream are kept per object and kind), and
+    # the propagation is the one made without a cache.
+    import random
+
+    from ir.spans import PropagationCache
+    from search.space import build_space
+
+    g = trace(_llama_layers(4))
+    space = build_space(g, MESH)
+    for a in random.Random(1).sample(list(space.enumerate()), 4):
+        inputs = space.shardings(a)
+        cache = PropagationCache()
+        shared = propagate(g, MESH, inputs, cache=cache)
+        alone = propagate(g, MESH, inputs)
+        assert (shared.shardings, shared.ops, shared.collectives) == (
+            alone.shardings,
+            alone.ops,
+            alone.collectives,
+        )
+        assert 0 < len(cache.decisions) < len(cache.ops)
+        kinds_of = {}
+        for op, d in zip(g.ops, shared.ops, strict=True):
+            if d is not None:
+                kinds_of.setdefault(id(d), set()).add(g.op_kinds[op.id])
+        assert all(len(ks) == 1 for ks in kinds_of.values())  # no object serves two kinds
+
+
 def test_collectives_are_interned_and_held_weakly():
     # Collectives key the simulator's cost table by identity: equal ones must be one object,
     # however made (pickled by a Ray worker, copied, replaced, made by another thread), and the
