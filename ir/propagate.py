@@ -602,17 +602,23 @@ def _decides_as(graph: Graph, batch: frozenset[int]) -> tuple[int, ...]:
     and targets: its rule, and the order its operands propose in (those derived from the batch
     first, then the larger, then the first). -1 for an op without a rule."""
     values = graph.values
+    kinds = graph.op_kinds  # (ops of one kind have equal rules: each kind's rule is hashed once)
     seen: dict[tuple, int] = {}
+    by_kind: dict[tuple, int] = {}
     out = []
     for op in graph.ops:
         if op.rule is None:
             out.append(-1)
             continue
         ins = op.inputs
-        order = sorted(
-            range(len(ins)), key=lambda k: (ins[k] in batch, values[ins[k]].nbytes, -k), reverse=True
+        order = tuple(
+            sorted(range(len(ins)), key=lambda k: (ins[k] in batch, values[ins[k]].nbytes, -k), reverse=True)
         )
-        out.append(seen.setdefault((op.rule, tuple(order)), len(seen)))
+        key = (kinds[op.id], order)
+        n = by_kind.get(key)
+        if n is None:
+            n = by_kind[key] = seen.setdefault((op.rule, order), len(seen))
+        out.append(n)
     return tuple(out)
 
 
