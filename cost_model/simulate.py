@@ -17,7 +17,7 @@ import dataclasses
 import enum
 import functools
 import operator
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 from cost_model.collectives import collective_time
 from cost_model.compute import OpCost, fused_values, op_cost, roofline_time
@@ -317,7 +317,7 @@ class Simulator:
         hideable_fwd = hideable_bwd = exposed = 0.0
         none = self.overlap is Overlap.NONE
         coll = self._coll
-        for c in prop.collectives:
+        for c, name in _moves(prop.moves):
             hit = coll.get(c)
             if hit is None:
                 # Collectives of different values but one size cost alike (an unrolled model's
@@ -326,8 +326,11 @@ class Simulator:
                 t = self._coll_time.get(shape)
                 if t is None:
                     t = self._coll_time[shape] = collective_time(c, self.topo)
-                hit = coll[c] = (t, _phase(c, roles))
-            t, where = hit
+                hit = coll[c] = (t, _phase(c.kind, c.value, roles))
+            if name is None:
+                t, where = hit
+            else:  # (a renamed part's: `c` moving the value `name`, which decides the phase)
+                t, where = hit[0], _phase(c.kind, name, roles)
             if detail:
                 b, sec = by_key.get((c.kind, c.axes), (0, 0.0))
                 by_key[(c.kind, c.axes)] = (b + c.total_bytes, sec + t)
@@ -431,10 +434,21 @@ def _value_roles(graph: Graph) -> dict[str, Role]:
     return roles
 
 
-def _phase(c: Collective, roles: Mapping[str, Role]) -> str:
-    """'backward', 'forward' (parameter prefetch) or 'exposed' for one collective."""
-    if "transpose(" in c.value:
+def _phase(kind: CollectiveKind, value: str, roles: Mapping[str, Role]) -> str:
+    """'backward', 'forward' (parameter prefetch) or 'exposed' for a collective of `kind` moving
+    the value named `value`."""
+    if "transpose(" in value:
         return "backward"
-    if c.kind is CollectiveKind.ALL_GATHER and roles.get(c.value) in (Role.PARAM, Role.OPT_STATE):
+    if kind is CollectiveKind.ALL_GATHER and roles.get(value) in (Role.PARAM, Role.OPT_STATE):
         return "forward"
     return "exposed"
+
+
+def _moves(moves) -> Iterator[tuple[Collective, str | None]]:
+    """(collective, None), or (a renamed part's collective, the name of the value it moves), for
+    each of `Propagation.moves` in order."""
+    for m in moves:
+        if m.__class__ is tuple:
+            yield from zip(*m, strict=True)
+        else:
+            yield m, None

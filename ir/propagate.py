@@ -28,7 +28,7 @@ then (a `Part`), decisions, collectives and all, instead of propagated again.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 from ir.comm import Collective
 from ir.factors import assign_factors, result_shardings, tensor_dims
@@ -63,7 +63,10 @@ class Propagation:
       mesh: the mesh.
       shardings: per value id, its sharding once materialised (pending sums resolved).
       ops: per op id, the factor assignment (None for scan and cond).
-      collectives: every collective of the step, bodies included (counts hold trip counts).
+      moves: every collective of the step, bodies included (counts hold trip counts), in order:
+        a Collective, or for the collectives of a part renamed from another span's
+        (`ir.spans.renamed`) a pair (the recorded part's collectives, the name of the value each
+        moves here). `collectives` names them; a searcher's simulator reads these as they are.
       bodies: op id -> propagation of each body (scan) or branch (cond).
       live: per value id, whether the value is read or returned (dead values are not constrained).
       outputs: per output position, the sharding the step returns it with.
@@ -76,11 +79,30 @@ class Propagation:
     mesh: MeshShape
     shardings: tuple[Sharding, ...]
     ops: tuple[OpSharding | None, ...]
-    collectives: tuple[Collective, ...]
+    moves: tuple[Collective | tuple[tuple[Collective, ...], tuple[str, ...]], ...]
     bodies: Mapping[int, tuple[Propagation, ...]]
     live: tuple[bool, ...]
     outputs: tuple[Sharding, ...]
     parts: tuple[Part, ...] = ()
+    _named: list = dataclasses.field(default_factory=lambda: [None], init=False, repr=False)
+
+    @property
+    def collectives(self) -> tuple[Collective, ...]:
+        """Every collective of the step, bodies included (counts hold trip counts), each named
+        for the value it moves: `moves`, named once when first asked for."""
+        named = self._named[0]
+        if named is None:
+            named = self._named[0] = tuple(named_moves(self.moves))
+        return named
+
+
+def named_moves(moves) -> Iterator[Collective]:
+    """The collectives of `Propagation.moves` in order, each named for the value it moves."""
+    for m in moves:
+        if m.__class__ is tuple:
+            yield from map(Collective.named, *m)
+        else:
+            yield m
 
 
 def _start(graph: Graph) -> tuple[Sharding | None, ...]:
@@ -232,7 +254,10 @@ class _Propagator:
                 if not part.plain:
                     apply(part)
                 elif part.collectives:
-                    colls.extend(part.collectives)
+                    if part.names:
+                        colls.append((part.collectives, part.names))
+                    else:
+                        colls.extend(part.collectives)
                 applied.append(part)
         else:
             for op in g.ops:
@@ -326,21 +351,33 @@ class _Propagator:
         costs nothing), its reads of its own values, its bodies."""
         if part.sum_groups:
             self.sum_groups.update(part.sum_groups)
-        colls = part.collectives
+        colls, names = part.collectives, part.names
         memo = self.memo
+        out = self.colls
         if part.outside:
+            made = []  # the runs of `colls` made, (first, stop)
             pos = 0
             for at, n, vid, want, resolved in part.outside:
-                self.colls.extend(colls[pos:at])
+                made.append((pos, at))
                 pos = at + n
                 if (vid, want) not in memo:
                     memo.add((vid, want))
-                    self.colls.extend(colls[at:pos])
+                    made.append((at, pos))
                 if resolved is not None:
                     self.cur[vid] = resolved
-            self.colls.extend(colls[pos:])
+            made.append((pos, len(colls)))
+            for a, b in made:
+                if a >= b:
+                    continue
+                if names:  # (a renamed part's: named when asked for, see Propagation.moves)
+                    out.append((colls[a:b], names[a:b]))
+                else:
+                    out.extend(colls[a:b])
         elif colls:
-            self.colls.extend(colls)
+            if names:
+                out.append((colls, names))
+            else:
+                out.extend(colls)
         if part.inside_reads:
             memo.update(part.inside_reads)
         if part.bodies:

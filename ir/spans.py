@@ -92,7 +92,7 @@ class Part:
       defs: the sharding of each of the span's values at its end; of every value id in
         `span.def_range` when that is set.
       sum_groups: (value, groups) of the span's values left as pending sums.
-      collectives: every collective the span made, in order.
+      collectives: every collective the span made, in order (see `names`).
       outside: per read of a value made before the span, in order: (index into `collectives`
         where its collectives start, how many, value, sharding read, the value's sharding once
         its pending sum is resolved or None). A read another span already made costs nothing.
@@ -100,6 +100,9 @@ class Part:
       bodies: op id -> body propagations of the span's loops and branches.
       rewritten: ids of the span's ops whose results are not stored as the op writes them (a
         pending sum, or a constraint that lays them out otherwise).
+      names: for a part renamed from another span's (`renamed`): per collective, the name of
+        the value it moves here (`collectives` are then the recorded part's, named for its
+        values: `named_collectives` names them for these); else ().
       origin: for a part renamed from another span's (`renamed`), the part recorded; else None.
       plain: whether it leaves no pending sum, reads nothing made before it in another layout,
         records no read of its own values and runs no body (made from the others).
@@ -114,6 +117,7 @@ class Part:
     inside_reads: tuple[tuple[int, Sharding], ...]
     bodies: tuple[tuple[int, tuple[Propagation, ...]], ...]
     rewritten: tuple[int, ...] = ()
+    names: tuple[str, ...] = ()
     origin: Part | None = dataclasses.field(default=None, compare=False, repr=False)
     plain: bool = dataclasses.field(init=False, compare=False, repr=False)
 
@@ -121,6 +125,12 @@ class Part:
         # Most parts only lay out their values and add their collectives (see `ir.propagate.run`).
         plain = not (self.sum_groups or self.outside or self.inside_reads or self.bodies)
         object.__setattr__(self, "plain", plain)
+
+    def named_collectives(self) -> tuple[Collective, ...]:
+        """Every collective the span made, in order, each named for the value it moves here."""
+        if not self.names:
+            return self.collectives
+        return tuple(map(Collective.named, self.collectives, self.names))
 
 
 # Ops per span: long enough that replaying a span is much cheaper than propagating it, short
@@ -444,24 +454,24 @@ def renaming(part: Part, graph: Graph) -> tuple:
 def renamed(part: Part, span: Span, graph: Graph, names: tuple) -> Part:
     """`part`, recorded for a span of `span`'s class (`span_classes`), as propagating `span`
     entered alike makes it: value for value by position in `reads` and `defs`, op for op by
-    position, each collective named for its value. `names`: `renaming(part, graph)`."""
+    position, the value each collective moves here named (`Part.names`). `names`:
+    `renaming(part, graph)`."""
     was = part.span
     shift = span.start - was.start
     rewritten = tuple([n + shift for n in part.rewritten]) if part.rewritten else ()
     if part.plain and not part.collectives:  # (most: nothing named by value)
-        return Part(span, part.ops, part.defs, (), (), (), (), (), rewritten, part.origin or part)
+        return Part(span, part.ops, part.defs, (), (), (), (), (), rewritten, (), part.origin or part)
     sums, named, outside, inside = names
     now = span.reads + span.defs
-    colls = part.collectives
-    if colls:
-        values = graph.values
-        colls = tuple([c.named(values[now[k]].name) for c, k in zip(colls, named, strict=True)])
+    values = graph.values
+    # The collectives stay the recorded part's; the names of the values they move here are
+    # kept beside them (named only when asked for: `Propagation.collectives`).
     return Part(
         span,
         part.ops,
         part.defs,
         tuple([(now[k], g) for (_, g), k in zip(part.sum_groups, sums, strict=True)]),
-        colls,
+        part.collectives,
         tuple(
             [
                 (at, n, now[k], want, res)
@@ -471,5 +481,6 @@ def renamed(part: Part, span: Span, graph: Graph, names: tuple) -> Part:
         tuple([(now[k], s) for (_, s), k in zip(part.inside_reads, inside, strict=True)]),
         (),
         rewritten,
+        tuple([values[now[k]].name for k in named]),
         part.origin or part,
     )

@@ -343,11 +343,16 @@ def test_a_span_entered_as_another_of_its_class_replays_its_part_renamed_as_reco
         for p, q in zip(mine.parts, own.parts, strict=True):
             assert p.span is q.span
             # (inside_reads is a set: what the span read of its own values, in no order; origin
-            # says where a part was renamed from)
-            fields = [f.name for f in dataclasses.fields(Part) if f.name != "origin"]
+            # says where a part was renamed from; a renamed part keeps the recorded part's
+            # collectives and the names of the values they move here)
+            fields = [
+                f.name for f in dataclasses.fields(Part) if f.name not in ("origin", "collectives", "names")
+            ]
             assert [set(p.inside_reads) if f == "inside_reads" else getattr(p, f) for f in fields] == [
                 set(q.inside_reads) if f == "inside_reads" else getattr(q, f) for f in fields
             ]
+            assert p.named_collectives() == q.named_collectives() == q.collectives
+            assert not q.names
             assert p.origin is None or p.origin.span is not p.span
         assert (mine.shardings, mine.ops, mine.collectives) == (own.shardings, own.ops, own.collectives)
     assert renamed  # (not every span was recorded)
