@@ -96,21 +96,35 @@ def _fixed_bytes(
     prop: Propagation, donated: frozenset[int] | None, compiler: Compiler, cache: TimelineCache
 ) -> int | None:
     """Arguments + outputs - aliased, as `_footprint` counts them, looked up at C speed in the
-    cache's local sizes; None when one is not known yet (then `_footprint` works it out) or when
-    two outputs may alias one donated input (`_footprint` decides which)."""
+    cache's local sizes (those not known yet are worked out first); None when two outputs may
+    alias one donated input (`_footprint` decides which)."""
     g = prop.graph
     pairs = g.derived(("memory.alias_pairs", donated), lambda g: _alias_pairs(g, donated))
     if pairs is None:
         return None
     inputs, outputs, pairs = pairs
     sizes = cache.value_sizes(g, prop.mesh)
-    try:
-        ins = list(map(dict.get, inputs(sizes), inputs(prop.shardings)))
-        outs = list(map(dict.get, outputs(sizes), prop.outputs))
-    except TypeError:  # a value with no sizes kept yet
-        return None
+    layouts, tables = inputs(prop.shardings), inputs(sizes)
+    out_tables = outputs(sizes)
+    ins = list(map(dict.get, tables, layouts))
+    outs = list(map(dict.get, out_tables, prop.outputs))
     if None in ins or None in outs:
-        return None
+        # Values of one shape and item size share a table: each (table, layout) missing is
+        # worked out once, then all are looked up again.
+        missing = {
+            (id(t), s): vid for vid, t, s, b in zip(g.inputs, tables, layouts, ins, strict=True) if b is None
+        }
+        missing.update(
+            {
+                (id(t), s): vid
+                for vid, t, s, b in zip(g.outputs, out_tables, prop.outputs, outs, strict=True)
+                if b is None
+            }
+        )
+        for (_, s), vid in missing.items():
+            shard_bytes(sizes, prop, vid, s, cache)
+        ins = list(map(dict.get, tables, layouts))
+        outs = list(map(dict.get, out_tables, prop.outputs))
     pointers = compiler.pointer_bytes * len(outs) if len(outs) > 1 else 0
     return sum(ins) + sum(outs) + pointers - sum([outs[k] for k, j in pairs if outs[k] == ins[j]])
 
