@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from cost_model.compiler import Compiler, Resolution, local_bytes
-from cost_model.fusion import generated, pinned
+from cost_model.fusion import every_alias, generated, pinned
 from cost_model.part_steps import live_spans, moves, runs, sub_moves
 from ir.comm import CollectiveKind
 from ir.graph import Graph, Op
@@ -106,12 +106,17 @@ class Walk:
         self.memo = memo
         self.sizes = sizes
         g = prop.graph
-        # The buffers of arguments and results: a function of the aliases (kept with them).
-        hit = cache.pinned.get(id(g)) if cache is not None else None
-        if hit is None or hit[0] is not alias:
-            hit = (alias, *pinned(g, alias))
-            if cache is not None:
-                cache.pinned[id(g)] = hit
+        # The buffers of arguments and results: a function of the aliases (kept with them; with
+        # the graph under its own, `fusion.every_alias`, as nearly every plan has them).
+        own = g.derived("fusion.every_alias", every_alias)[0]
+        if alias is own:
+            hit = g.derived("fusion.pinned_own", lambda g: (own, *pinned(g, own)))
+        else:
+            hit = cache.pinned.get(id(g)) if cache is not None else None
+            if hit is None or hit[0] is not alias:
+                hit = (alias, *pinned(g, alias))
+                if cache is not None:
+                    cache.pinned[id(g)] = hit
         self.pinned = hit[1]
         self.returned = hit[2]
         self.resolutions: dict[int, Resolution] = {}
