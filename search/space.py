@@ -292,6 +292,13 @@ class InputLayouts:
             for vid in (*fixed, *(v for v in members if v not in fixed))
         }
         self._of_decision = tuple(tuple(dict.fromkeys(vid for vid, _ in d.members)) for d in space.decisions)
+        # Values alike in rank, fixed dims and deciding (decision, dim)s are laid out alike (the
+        # layers of a model): per value, a number for its class.
+        classes: dict[tuple, int] = {}
+        self._class = {
+            vid: classes.setdefault((rank, tuple(sorted(fixed_dims.items())), ms), len(classes))
+            for vid, (rank, fixed_dims, ms) in self._values.items()
+        }
         self._followers = space.opt_state
         self._leader = {o: pid for pid, states in space.opt_state.items() for o in states}
         self._last: Assignment | None = None
@@ -315,8 +322,9 @@ class InputLayouts:
                 if a != b
                 for vid in self._of_decision[d]
             ]
+        made: dict[int, tuple] = {}  # per class of value, (its sharding or None, bad)
         for vid in touched:
-            self._set(vid, assignment)
+            self._set(vid, assignment, made)
         self._last = assignment
         return self._inputs
 
@@ -325,20 +333,26 @@ class InputLayouts:
         self(assignment)
         return not self._bad
 
-    def _set(self, vid: int, assignment: Assignment) -> None:
-        rank, fixed, members = self._values[vid]
-        dims = dict(fixed)
-        for d, dim in members:
-            if assignment[d]:
-                dims[dim] = assignment[d]
-        used = [a for axes in dims.values() for a in axes]
-        if len(used) != len(set(used)):
+    def _set(self, vid: int, assignment: Assignment, made: dict[int, tuple]) -> None:
+        cls = self._class[vid]
+        hit = made.get(cls)
+        if hit is None:
+            rank, fixed, members = self._values[vid]
+            dims = dict(fixed)
+            for d, dim in members:
+                if assignment[d]:
+                    dims[dim] = assignment[d]
+            used = [a for axes in dims.values() for a in axes]
+            s = Sharding(tuple(dims.get(d, ()) for d in range(rank))) if dims else None
+            hit = made[cls] = (s, len(used) != len(set(used)))
+        s, bad = hit
+        if bad:
             self._bad.add(vid)
         else:
             self._bad.discard(vid)
         own, inputs = self._own, self._inputs
-        if dims:
-            own[vid] = inputs[vid] = Sharding(tuple(dims.get(d, ()) for d in range(rank)))
+        if s is not None:
+            own[vid] = inputs[vid] = s
         else:
             own.pop(vid, None)
             inputs.pop(vid, None)
