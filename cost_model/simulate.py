@@ -17,7 +17,7 @@ import dataclasses
 import enum
 import functools
 import operator
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 
 from cost_model.collectives import collective_time
 from cost_model.compute import OpCost, fused_values, op_cost, roofline_time
@@ -162,7 +162,8 @@ class Simulator:
         self._op_decided: dict[int, tuple] = {}  # id(OpSharding) -> (it, graph, kind, _op's)
         self._bodies: dict[int, tuple[Propagation, _Compute]] = {}
         self._parts: dict[int, tuple[Part, tuple]] = {}
-        self._coll: dict[Collective, tuple[float, str]] = {}
+        # A collective -> ((it, seconds, phase),)
+        self._coll: dict[Collective, tuple[tuple[Collective, float, str]]] = {}
         self._coll_time: dict[tuple, float] = {}
         self.timelines = TimelineCache()
 
@@ -317,31 +318,46 @@ class Simulator:
         hideable_fwd = hideable_bwd = exposed = 0.0
         none = self.overlap is Overlap.NONE
         coll = self._coll
-        for c, name in _moves(prop.moves):
-            hit = coll.get(c)
-            if hit is None:
-                # Collectives of different values but one size cost alike (an unrolled model's
-                # layers): timed once.
-                shape = (c.kind, c.axes, c.bytes, c.count)
-                t = self._coll_time.get(shape)
-                if t is None:
-                    t = self._coll_time[shape] = collective_time(c, self.topo)
-                hit = coll[c] = (t, _phase(c.kind, c.value, roles))
-            if name is None:
-                t, where = hit
-            else:  # (a renamed part's: `c` moving the value `name`, which decides the phase)
-                t, where = hit[0], _phase(c.kind, name, roles)
-            if detail:
-                b, sec = by_key.get((c.kind, c.axes), (0, 0.0))
-                by_key[(c.kind, c.axes)] = (b + c.total_bytes, sec + t)
-            if none or where == "exposed":
-                exposed += t
-            elif where == "backward":
-                hideable_bwd += t
-            else:
-                hideable_fwd += t
+        for m in prop.moves:  # (see Propagation.moves)
+            if m.__class__ is Collective:
+                timed = coll.get(m)
+                if timed is None:
+                    timed = coll[m] = ((m, *self._timed(m, m.value, roles)),)
+            else:  # a renamed part's collectives (or some of them), for the values it names
+                if m.__class__ is Part:
+                    colls, names = m.collectives, m.names
+                else:
+                    part, a, b = m
+                    colls, names = part.collectives[a:b], part.names[a:b]
+                timed = []
+                for c, n in zip(colls, names, strict=True):
+                    # Timed as the recorded part's collective (one size, one time); the value
+                    # it moves here decides its phase.
+                    hit = coll.get(c)
+                    if hit is None:
+                        hit = coll[c] = ((c, *self._timed(c, c.value, roles)),)
+                    timed.append((c, hit[0][1], _phase(c.kind, n, roles)))
+            for c, t, where in timed:
+                if detail:
+                    b, sec = by_key.get((c.kind, c.axes), (0, 0.0))
+                    by_key[(c.kind, c.axes)] = (b + c.total_bytes, sec + t)
+                if none or where == "exposed":
+                    exposed += t
+                elif where == "backward":
+                    hideable_bwd += t
+                else:
+                    hideable_fwd += t
         exposed += max(0.0, hideable_bwd - compute.backward) + max(0.0, hideable_fwd - compute.forward)
         return exposed, sum(sec for _, sec in by_key.values()), by_key
+
+    def _timed(self, c: Collective, value: str, roles: Mapping[str, Role]) -> tuple[float, str]:
+        """(seconds, phase) of collective `c` moving the value named `value`. Collectives of
+        different values but one size cost alike (an unrolled model's layers): timed once."""
+        shape = (c.kind, c.axes, c.bytes, c.count)
+        t = self._coll_time.get(shape)
+        if t is None:
+            t = self._coll_time[shape] = collective_time(c, self.topo)
+        return t, _phase(c.kind, value, roles)
 
     def _report(self, prop: Propagation, top_ops: int) -> CostReport:
         rows: list = []
@@ -442,13 +458,3 @@ def _phase(kind: CollectiveKind, value: str, roles: Mapping[str, Role]) -> str:
     if kind is CollectiveKind.ALL_GATHER and roles.get(value) in (Role.PARAM, Role.OPT_STATE):
         return "forward"
     return "exposed"
-
-
-def _moves(moves) -> Iterator[tuple[Collective, str | None]]:
-    """(collective, None), or (a renamed part's collective, the name of the value it moves), for
-    each of `Propagation.moves` in order."""
-    for m in moves:
-        if m.__class__ is tuple:
-            yield from zip(*m, strict=True)
-        else:
-            yield m, None

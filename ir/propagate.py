@@ -64,9 +64,10 @@ class Propagation:
       shardings: per value id, its sharding once materialised (pending sums resolved).
       ops: per op id, the factor assignment (None for scan and cond).
       moves: every collective of the step, bodies included (counts hold trip counts), in order:
-        a Collective, or for the collectives of a part renamed from another span's
-        (`ir.spans.renamed`) a pair (the recorded part's collectives, the name of the value each
-        moves here). `collectives` names them; a searcher's simulator reads these as they are.
+        a Collective; for the collectives of a part renamed from another span's
+        (`ir.spans.renamed`), the Part (its `collectives` are the recorded part's, its `names`
+        those of the values they move here), or (the Part, first, stop) for its collectives
+        first..stop-1. `collectives` names them; a searcher's simulator reads these as they are.
       bodies: op id -> propagation of each body (scan) or branch (cond).
       live: per value id, whether the value is read or returned (dead values are not constrained).
       outputs: per output position, the sharding the step returns it with.
@@ -79,7 +80,7 @@ class Propagation:
     mesh: MeshShape
     shardings: tuple[Sharding, ...]
     ops: tuple[OpSharding | None, ...]
-    moves: tuple[Collective | tuple[tuple[Collective, ...], tuple[str, ...]], ...]
+    moves: tuple[Collective | Part | tuple[Part, int, int], ...]
     bodies: Mapping[int, tuple[Propagation, ...]]
     live: tuple[bool, ...]
     outputs: tuple[Sharding, ...]
@@ -99,10 +100,13 @@ class Propagation:
 def named_moves(moves) -> Iterator[Collective]:
     """The collectives of `Propagation.moves` in order, each named for the value it moves."""
     for m in moves:
-        if m.__class__ is tuple:
-            yield from map(Collective.named, *m)
-        else:
+        if m.__class__ is Collective:
             yield m
+        elif m.__class__ is Part:
+            yield from m.named_collectives()
+        else:
+            part, a, b = m
+            yield from map(Collective.named, part.collectives[a:b], part.names[a:b])
 
 
 def _start(graph: Graph) -> tuple[Sharding | None, ...]:
@@ -244,7 +248,8 @@ class _Propagator:
                 if span.outputs:
                     key += (tuple([stacked.get(o) for o in span.outputs]),)
                 part = parts.get(key)
-                if part is None:
+                fresh = part is None
+                if fresh:
                     part = parts[key] = self._new_part(span, key)
                 decided[span.start : span.stop] = part.ops
                 if span.def_range is not None:
@@ -252,12 +257,14 @@ class _Propagator:
                 else:
                     any(map(cur.__setitem__, span.defs, part.defs))  # cur[v] = s for each, at C speed
                 if not part.plain:
-                    apply(part)
+                    apply(part, fresh)
                 elif part.collectives:
-                    if part.names:
-                        colls.append((part.collectives, part.names))
-                    else:
+                    if not part.names:
                         colls.extend(part.collectives)
+                    elif fresh:  # a renamed part's collectives, named when asked for
+                        colls.append(part)
+                    else:  # replayed: named once, for every replay
+                        colls.extend(self._named(part))
                 applied.append(part)
         else:
             for op in g.ops:
@@ -345,37 +352,51 @@ class _Propagator:
             self.colls, self.memo = colls, memo
             self.outside, self.before = None, frozenset()
 
-    def _apply(self, part: Part) -> None:
+    def _named(self, part: Part) -> tuple[Collective, ...]:
+        """A renamed part's collectives, named for the values they move (once per part)."""
+        hit = self.cache.named.get(id(part))
+        if hit is None or hit[0] is not part:
+            hit = self.cache.named[id(part)] = (part, part.named_collectives())
+        return hit[1]
+
+    def _apply(self, part: Part, fresh: bool = True) -> None:
         """What a part that is not `Part.plain` adds once its values are laid out (see `run`): its
         pending sums, its collectives (a read of an earlier value that another span made already
-        costs nothing), its reads of its own values, its bodies."""
+        costs nothing), its reads of its own values, its bodies. A renamed part's collectives
+        stay unnamed in `Propagation.moves` when the part is `fresh` (made for this propagation:
+        in a cold evaluation, every one); a part replayed again adds them named."""
         if part.sum_groups:
             self.sum_groups.update(part.sum_groups)
         colls, names = part.collectives, part.names
+        if names and not fresh:
+            colls, names = self._named(part), ()
         memo = self.memo
         out = self.colls
         if part.outside:
-            made = []  # the runs of `colls` made, (first, stop)
-            pos = 0
+            made = [0]  # the runs of `colls` made: first, stop, first, stop, ...
             for at, n, vid, want, resolved in part.outside:
-                made.append((pos, at))
-                pos = at + n
-                if (vid, want) not in memo:
+                if (vid, want) in memo:  # read before: its collectives at..at+n-1 are not made
+                    if n:
+                        if made[-1] == at:
+                            made.pop()
+                        else:
+                            made.append(at)
+                        made.append(at + n)
+                else:
                     memo.add((vid, want))
-                    made.append((at, pos))
                 if resolved is not None:
                     self.cur[vid] = resolved
-            made.append((pos, len(colls)))
-            for a, b in made:
+            made.append(len(colls))
+            for a, b in zip(made[::2], made[1::2], strict=True):
                 if a >= b:
                     continue
                 if names:  # (a renamed part's: named when asked for, see Propagation.moves)
-                    out.append((colls[a:b], names[a:b]))
+                    out.append(part if b - a == len(colls) else (part, a, b))
                 else:
                     out.extend(colls[a:b])
         elif colls:
             if names:
-                out.append((colls, names))
+                out.append(part)
             else:
                 out.extend(colls)
         if part.inside_reads:

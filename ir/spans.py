@@ -330,6 +330,7 @@ class PropagationCache:
         self.classed: dict[tuple, list] = {}
         self.repeated: dict[tuple, tuple] = {}  # (body, trip count) -> its collectives repeated
         self.repeated_once: dict[tuple, Collective] = {}  # (collective, trip count) -> repeated
+        self.named: dict[int, tuple] = {}  # renamed part -> (it, its collectives named)
         self._keys: dict[tuple[int, Hashable], int] = {}
         self._alive: list[Graph] = []  # graphs whose ids are in keys
 
@@ -352,6 +353,7 @@ class PropagationCache:
             + len(self.classed)
             + len(self.repeated)
             + len(self.repeated_once)
+            + len(self.named)
         )
 
 

@@ -388,6 +388,37 @@ def test_ops_of_other_kinds_that_decide_alike_share_the_decision_work_not_the_ob
         assert all(len(ks) == 1 for ks in kinds_of.values())  # no object serves two kinds
 
 
+def test_renamed_parts_name_their_collectives_only_when_asked_or_replayed():
+    # A part renamed from another span's keeps the recorded part's collectives and the names
+    # of the values they move here: a propagation that makes it holds it in `moves` unnamed, and
+    # one that replays it from the cache adds its collectives named. Both name the same
+    # collectives in the same order, and the simulator times them alike.
+    import random
+
+    from cost_model.hardware import load_hardware
+    from cost_model.meshes import topology
+    from cost_model.simulate import Simulator
+    from ir.comm import Collective
+    from ir.spans import Part, PropagationCache
+    from search.space import build_space
+
+    g = trace(_llama_layers(4))
+    space = build_space(g, MESH)
+    hw = load_hardware("h100")
+    for a in random.Random(2).sample(list(space.enumerate()), 3):
+        inputs = space.shardings(a)
+        cache = PropagationCache()
+        first = propagate(g, MESH, inputs, cache=cache)
+        again = propagate(g, MESH, inputs, cache=cache)
+        alone = propagate(g, MESH, inputs)
+        kinds = lambda p: {m.__class__ for m in p.moves}  # noqa: E731
+        assert Part in kinds(first) and kinds(again) == {Collective}
+        assert first.collectives == again.collectives == alone.collectives
+        assert all(c.value for c in first.collectives)
+        times = [Simulator(hw, topology(hw, MESH)).step_time_and_peak(p) for p in (first, again, alone)]
+        assert times[0] == times[1] == times[2]
+
+
 def test_collectives_are_interned_and_held_weakly():
     # Collectives key the simulator's cost table by identity: equal ones must be one object,
     # however made (pickled by a Ray worker, copied, replaced, made by another thread), and the
