@@ -66,11 +66,14 @@ class OpCost:
 
 def local_sizes(op: Op, factors: tuple[tuple[str, ...], ...], mesh: MeshShape) -> tuple[int, ...]:
     """The size of each of the op's factors on one device."""
-    return tuple(size // mesh.axes_size(axes) for size, axes in zip(op.rule.sizes, factors, strict=True))
+    of = mesh.axes_size
+    return tuple(
+        [size // of(axes) if axes else size for size, axes in zip(op.rule.sizes, factors, strict=True)]
+    )
 
 
 def _elements(dims, sizes) -> int:
-    return math.prod(sizes[f] for fs in dims for f in fs)
+    return math.prod([sizes[f] for fs in dims for f in fs])
 
 
 def op_flops(op: Op, sizes: tuple[int, ...]) -> tuple[float, float]:
