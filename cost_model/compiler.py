@@ -233,6 +233,8 @@ def _group(cands: list[Resolution], anc: list[int], bit: list[int], compiler: Co
         small_before[key].append(len(small[key]))
         if r.bytes <= limit[key[0]]:
             small[key].append(c)
+    for key, before in small_before.items():  # (and once all are placed)
+        before.append(len(small[key]))
     placed = dict.fromkeys(by_key, 0)  # key -> how many of its candidates are placed
     groups: list[list[int]] = []
     head = 0  # every candidate before it is placed
@@ -276,8 +278,7 @@ def _group(cands: list[Resolution], anc: list[int], bit: list[int], compiler: Co
             # transitively closed, so one sweep (of the candidates not placed) suffices.
             mask = inputs | bits
             for key_, cs in small.items():
-                j = placed[key_]
-                for c in cs[small_before[key_][j] :] if j < len(by_key[key_]) else ():
+                for c in cs[small_before[key_][placed[key_]] :]:
                     if anc[c] & bits:
                         anc[c] |= mask
 
