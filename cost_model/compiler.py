@@ -310,146 +310,142 @@ def schedule(
 
 
 def _program_order(g: Graph, order: list[Op], groups: list[list[Resolution]]) -> list[int]:
-    """`_nodes(g, order, groups, False)`, without a heap for every node: nodes are taken in rank
-    order, each as soon as it is ready; one that is not (it reads a collective ranked after it)
-    waits, and is taken, smallest rank first, as soon as what it waits for has run. The edges
-    between ops are the graph's, worked out once per `order`; only the readers of a collective's
-    values change per schedule. An op that reads no collective is ready when none of the nodes
-    it reads waits, and then readies nothing: only a waiting node's edges are followed. A
-    collective is ranked after all its inputs' producers, so only the readers of a combined
-    collective can come before it; the others are ready when reached unless something they
-    read waits, and their edges are worked out only then."""
+    """`_nodes(g, order, groups, False)` without a heap for every node.
+
+    Each node has a priority, its place in program order (`rank`, ties between collectives
+    broken by node id, as the heap breaks them). The node run next is the ready one of least
+    priority, so a node runs in its place unless it reads, through any chain, a node placed
+    after it: a reader of a combined collective that comes before the member written last, and
+    whatever waits for it in turn. Such a node is held back to the collective of greatest
+    priority it waits for (its `key`, pushed along the edges from the readers placed too early)
+    and runs in the batch that collective releases, right after it, the ready one of least
+    priority first (`_batch`). So the schedule is every node not held back, in order, each
+    collective followed by its batch: Python for the collectives and the nodes held back, slices
+    of the graph's op ids for the rest. The edges between ops are the graph's, worked out once
+    per `order`."""
     static = g.derived(("compiler.program_order", id(order)), lambda g: _edges(g, order))
     if static[0] is not order:  # another list under a reused id: work it out again
         static = _edges(g, order)
-    _, position, op_deps, op_users, ids = static
+    _, position, _, op_users, ids = static
     producer = g.producer
     consumers = g.consumers
-    ops = g.ops
-    group_of = {r.value: -1 - k for k, members in enumerate(groups) for r in members}
-    rank: dict[int, int] = {}
-    deps: dict[int, set[int]] = {}  # of the collectives, and of the ops that read one, once known
-    late: list[int] = []  # the positions of the ops that read a collective ranked after them
+    # Priorities: the op at position q: 2q * m + last; group k, ranked r (2 * its last producer's
+    # position + 1): r * m + last - k (so a tie in rank goes to the greater k, the smaller id).
+    last = len(groups)
+    m = last + 1
+    prio: dict[int, int] = {}  # of the groups
+    made_by: dict[int, list[int]] = {}  # op -> the groups resolving what it writes
+    key: dict[int, int] = {}  # node held back -> the priority of the node that releases it
+    stack: list[int] = []
     for k, members in enumerate(groups):
+        n = -1 - k
         ds = {producer[r.value] for r in members}
-        rank[-1 - k] = at = 2 * max(map(position.__getitem__, ds)) + 1
-        deps[-1 - k] = ds
+        at = max(map(position.__getitem__, ds))
+        prio[n] = p = (2 * at + 1) * m + last - 1 - k
+        for d in ds:
+            made_by.setdefault(d, []).append(n)
         if len(ds) > 1:  # a member's reader may come before another member's producer
             for r in members:
-                for n in consumers.get(r.value, ()):
-                    p = position.get(n)
-                    if p is not None and 2 * p < at and n not in deps:
-                        deps[n] = _waits_for(g, ops[n], group_of, position)
-                        late.append(p)
-    ranked = sorted(rank, key=lambda n: (rank[n], n))  # the collectives, among ops of even rank
-    out: list[int] = []
-    waiting: set[int] = set()  # nodes reached, not run yet
-    collected: set[int] = set()  # collectives run
-    pending: dict[int, int] = {}  # per waiting node, how many of what it waits for have not run
-    # The edges of waiting nodes the collectives change, worked out as each comes to wait:
-    gained: dict[int, list[int]] = {}  # node -> its waiting users the collectives add
-    lost: set[tuple[int, int]] = set()  # (node, waiting user) edges of the graph's they remove
-    heap: list[tuple[int, int]] = []
-    no_users: tuple[int, ...] = ()
-
-    def run(n: int) -> None:
-        out.append(n)
-        if n < 0:
-            collected.add(n)
-        if not waiting:
-            return
-        for us in (op_users.get(n, no_users), gained.get(n, no_users)):
-            for u in us:
-                if u in waiting and (n, u) not in lost:
-                    pending[u] -= 1
-                    if not pending[u]:
-                        heapq.heappush(heap, (rank[u] if u < 0 else 2 * position[u], u))
-
-    def wait(n: int, p: int) -> None:  # n waits for p nodes
-        pending[n] = p
-        waiting.add(n)
-        ds = deps.get(n)
-        if n < 0:
-            for d in ds:
-                gained.setdefault(d, []).append(n)
-            # The ops that read it may wait in turn: looked at one by one.
-            for r in groups[-1 - n]:
                 for u in consumers.get(r.value, ()):
-                    if u in position:
-                        heapq.heappush(watch, position[u])
-            return
-        if ds is not None:  # it reads a collective
-            old = op_deps[n]
-            lost.update((d, n) for d in old - ds)
-            for d in ds - old:
-                gained.setdefault(d, []).append(n)
-        for u in op_users.get(n, no_users):  # the ops that read it may wait in turn
-            heapq.heappush(watch, position[u])
-
-    def take(n: int) -> None:  # a collective, or an op that reads one
-        # What it waits for: ops reached before it that wait, collectives not run. (A
-        # collective is taken after all its producers are reached: it waits only for those
-        # that wait.)
-        if n < 0:
-            p = len(waiting.intersection(deps[n])) if waiting else 0
+                    q = position.get(u)
+                    if q is not None and q <= at and p > key.get(u, -1):
+                        key[u] = p
+                        stack.append(u)
+    # Push each hold to what waits for the node held: its readers, and the collectives that
+    # resolve what an op writes (a reader of such a collective is also a reader of the op: the
+    # edge adds nothing the collective does not).
+    while stack:
+        x = stack.pop()
+        p = key[x]
+        if x < 0:
+            users = [u for r in groups[-1 - x] for u in consumers.get(r.value, ()) if u in position]
         else:
-            p = sum(1 for d in deps[n] if d in waiting or (d < 0 and d not in collected))
-        if p:
-            wait(n, p)
-            return
-        run(n)
-        while heap:
-            m = heapq.heappop(heap)[1]
-            waiting.discard(m)
-            run(m)
-
-    # The positions of the ops that read a later collective (then the end): the ops up to the
-    # next of them or the next collective's rank run as they come, in one go, but for those
-    # that read a node that waits (`watch`: the positions of the readers of every node that
-    # came to wait).
-    stops = sorted(late)
-    stops.append(len(ids))
-    watch: list[int] = []
-    s = k = i = 0
-    next_rank = rank[ranked[0]] if ranked else -1
-    while i < len(ids):
-        while stops[s] < i:
-            s += 1
-        stop = stops[s] if next_rank < 0 else min(stops[s], next_rank // 2 + 1)
-        if waiting:
-            while watch and watch[0] < i:
-                heapq.heappop(watch)
-            if watch and watch[0] < stop:
-                stop = watch[0]
-        if stop > i:
-            out += ids[i:stop]
-            i = stop
-            continue
-        n = ids[i]
-        if 0 <= next_rank < 2 * i:  # (i: the op's position)
-            while k < len(ranked) and rank[ranked[k]] < 2 * i:
-                take(ranked[k])
-                k += 1
-            next_rank = rank[ranked[k]] if k < len(ranked) else -1
-        if n in deps:
-            take(n)
-        elif not waiting:
-            # `take` inline: ready (what it reads has run: collectives ranked before it, ops
-            # before it), and what reads it comes after it, so it readies nothing.
-            out.append(n)
-        elif any(u in group_of for u in ops[n].inputs):  # it reads a collective, maybe waiting
-            deps[n] = _waits_for(g, ops[n], group_of, position)
-            take(n)
-        elif waiting.isdisjoint(op_deps[n]):
-            out.append(n)
-        else:  # it waits for ops that wait
-            wait(n, len(waiting.intersection(op_deps[n])))
-        i += 1
-    for n in ranked[k:]:
-        take(n)
-    if len(out) != len(order) + len(groups):  # only a cycle leaves nodes waiting
+            users = op_users[x] + tuple(made_by.get(x, ()))
+        for u in users:
+            if p > key.get(u, -1) and p > (prio[u] if u < 0 else 2 * position[u] * m + last):
+                key[u] = p
+                stack.append(u)
+    batches: dict[int, list[int]] = {}
+    for x, p in key.items():
+        batches.setdefault(p, []).append(x)
+    # (A hold is always a collective's priority: what holds a node back is a collective.)
+    events = [(p, n) for n, p in prio.items() if n not in key]
+    events += [(2 * position[x] * m + last, x) for x in key if x >= 0]
+    events.sort()
+    out: list[int] = []
+    i = 0
+    for p, x in events:
+        if x < 0:  # a collective in its place, then what it releases
+            j = (p // m + 1) // 2
+            out += ids[i:j]
+            i = j
+            out.append(x)
+            if p in batches:
+                out += _batch(g, x, batches[p], groups, static, prio, m, last)
+        else:  # held back: runs in a batch
+            out += ids[i : position[x]]
+            i = position[x] + 1
+    out += ids[i:]
+    if len(out) != len(order) + len(groups):  # only a cycle leaves nodes out
         raise RuntimeError("memory: combined collectives that depend on each other; this is a bug.")
     return out
+
+
+def _batch(
+    g: Graph,
+    releaser: int,
+    members: list[int],
+    groups: list[list[Resolution]],
+    static: tuple,
+    prio: dict[int, int],
+    m: int,
+    last: int,
+) -> list[int]:
+    """The order `members`, held back to `releaser`, run in once it has run: each as soon as
+    what it waits for among them has run, the ready one of least priority first. An op waits
+    for the ops among them that write what it reads and the collectives among them that
+    resolve it (and so for their producers: an edge that adds nothing)."""
+    _, position, op_deps, _, _ = static
+    held = set(members)
+    consumers = g.consumers
+    users: dict[int, list[int]] = {}
+    pending = dict.fromkeys(members, 0)
+    # (the releaser has run: it must wait for none of them, or they wait for each other)
+    if held.intersection(_node_deps(g, releaser, groups, op_deps)):
+        raise RuntimeError("memory: combined collectives that depend on each other; this is a bug.")
+    if min(members) >= 0:
+        # Ops alone: what each waits for among them comes before it in program order, so the
+        # ready one of least priority is always the next in program order.
+        return sorted(members, key=position.__getitem__)
+    for x in members:
+        if x < 0:
+            for r in groups[-1 - x]:  # its readers among them wait for it
+                for u in consumers.get(r.value, ()):
+                    if u in held:
+                        users.setdefault(x, []).append(u)
+                        pending[u] += 1
+        ds = held.intersection(_node_deps(g, x, groups, op_deps))
+        for d in ds:
+            users.setdefault(d, []).append(x)
+        pending[x] += len(ds)
+    heap = [(prio[x] if x < 0 else 2 * position[x] * m + last, x) for x in members if not pending[x]]
+    heapq.heapify(heap)
+    out = []
+    while heap:
+        x = heapq.heappop(heap)[1]
+        out.append(x)
+        for u in users.get(x, ()):
+            pending[u] -= 1
+            if not pending[u]:
+                heapq.heappush(heap, (prio[u] if u < 0 else 2 * position[u] * m + last, u))
+    return out
+
+
+def _node_deps(g: Graph, x: int, groups: list[list[Resolution]], op_deps: dict) -> frozenset[int] | list[int]:
+    """The ops node `x` waits for: a collective's producers; an op's (`_edges`)."""
+    if x < 0:
+        return [g.producer[r.value] for r in groups[-1 - x]]
+    return op_deps[x]
 
 
 def _waits_for(g: Graph, op: Op, group_of: dict[int, int], position: dict[int, int]) -> set[int]:
