@@ -29,6 +29,7 @@ at every step.
 
 from __future__ import annotations
 
+import operator
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -43,6 +44,9 @@ from ir.spans import entries_getter, spans_of
 
 if TYPE_CHECKING:
     from cost_model.op_walk import Walk
+
+_VALUE = operator.attrgetter("value")
+_PRODUCED = operator.attrgetter("produced")
 
 
 # Below this many live ops the op-by-op walk costs less than the arrays' fixed cost (a cold walk
@@ -447,45 +451,47 @@ def walk_peak(
     delta = np.zeros(last + 2, dtype=np.int64)
     # Pending sums: written at their op's step into a buffer of the layout written, until the
     # collective that resolves them; the value is written then.
-    pending: dict[int, tuple[int, int]] = {}
-    producer = g.producer
-    resolutions = w.resolutions
-    # The layout written without its pending axes, per layout written: 4-9 distinct ones for
-    # 356-647 resolutions a cold unrolled plan, and a lookup here costs less than `Sharding`'s
-    # own interning (walk_peak 7.1-7.6 -> 7.4-7.8 ms without it, best of 5 x 8 plans).
-    bare: dict[Sharding, Sharding] = {}
-    if resolutions:
-        firsts = step[list(map(producer.__getitem__, resolutions))].tolist()
-        for (vid, r), first in zip(resolutions.items(), firsts, strict=True):
-            made_as = bare.get(r.produced)
-            if made_as is None:
-                made_as = bare[r.produced] = Sharding(r.produced.dims)
-            pending[vid] = (first, w.size(vid, made_as))
-    pointer_bytes = w.compiler.pointer_bytes
     at_steps: list[int] = []  # bytes added at steps, summed into `delta` at once
     added: list[int] = []
-    wrote: dict[int, int] = {}  # value -> the step its resolved buffer is written
-    collective_steps = step_of_node[~is_op].tolist()
-    for p, at in zip(np.flatnonzero(~is_op).tolist(), collective_steps, strict=True):
-        group = groups[-1 - nodes[p]]
-        reduced = as_all_reduce.get(p, ())
-        if reduced:
-            at -= 1
-        if len(group) > 1:  # a tuple-shaped collective: its table of pointers
-            at_steps += (at, at + 1)
-            added += (pointer_bytes * len(group), -pointer_bytes * len(group))
-        for r in group:
-            first, b = pending.pop(r.value)
-            at_steps += (first, at + 1)
-            added += (b, -b)
-            wrote[r.value] = at
-        for r in reduced:  # the full sum, then this device's slice
-            full_sum = w.size(r.value, Sharding(r.produced.dims))
-            at_steps += (at, at + 2)
-            added += (full_sum, -full_sum)
-            wrote[r.value] = at + 1
-    if wrote:
-        written[list(wrote)] = list(wrote.values())
+    if groups:
+        # Per collective (group k), the step it runs at; per member (in groups' order), its
+        # value, the step its op writes it, its bytes as written (the layout without the
+        # pending axes: 4-9 distinct ones for 356-647 resolutions a cold unrolled plan).
+        at_of = np.empty(len(groups), dtype=np.int64)
+        at_of[-1 - node[~is_op]] = step_of_node[~is_op]
+        for p in as_all_reduce:  # (the slice runs a step after the all-reduce)
+            at_of[-1 - nodes[p]] -= 1
+        members = [r for group in groups for r in group]
+        summed = list(map(_VALUE, members))
+        produced = list(map(_PRODUCED, members))
+        bare = {s: Sharding(s.dims) for s in set(produced)}
+        made_as = list(map(bare.__getitem__, produced))
+        tables = list(map(w.sizes.__getitem__, summed))
+        if None in tables:  # (no cache: a table per value, made as it is first sized)
+            nbytes = list(map(w.size, summed, made_as))
+        else:
+            nbytes = list(map(dict.get, tables, made_as))
+            if None in nbytes:
+                nbytes = [
+                    w.size(v, s) if b is None else b for v, s, b in zip(summed, made_as, nbytes, strict=True)
+                ]
+        counts = np.fromiter(map(len, groups), np.int64, len(groups))
+        at = np.repeat(at_of, counts)
+        sums = np.array(nbytes, dtype=np.int64)
+        np.add.at(delta, step[list(map(g.producer.__getitem__, summed))], sums)
+        np.add.at(delta, at + 1, -sums)
+        tuples = counts > 1  # a tuple-shaped collective: its table of pointers
+        pointers = w.compiler.pointer_bytes * counts[tuples]
+        np.add.at(delta, at_of[tuples], pointers)
+        np.add.at(delta, at_of[tuples] + 1, -pointers)
+        written[summed] = at
+        for p, reduced in as_all_reduce.items():  # the full sum, then this device's slice
+            at_p = int(at_of[-1 - nodes[p]])
+            for r in reduced:
+                full_sum = w.size(r.value, Sharding(r.produced.dims))
+                at_steps += (at_p, at_p + 2)
+                added += (full_sum, -full_sum)
+                written[r.value] = at_p + 1
     for n, subs in prop.bodies.items():  # a loop or branch: its body's own peak while it runs
         if subs and n in g.live_ops:
             inner = max(w.body_peak(sub) for sub in subs)
