@@ -339,6 +339,11 @@ def _program_order(g: Graph, order: list[Op], groups: list[list[Resolution]]) ->
     stack: list[int] = []
     for k, members in enumerate(groups):
         n = -1 - k
+        if len(members) == 1:  # (most)
+            d = producer[members[0].value]
+            prio[n] = (2 * position[d] + 1) * m + last - 1 - k
+            made_by.setdefault(d, []).append(n)
+            continue
         ds = {producer[r.value] for r in members}
         at = max(map(position.__getitem__, ds))
         prio[n] = p = (2 * at + 1) * m + last - 1 - k

@@ -34,7 +34,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -72,6 +72,7 @@ from cost_model.walk_arrays import walk_peak
 from ir.graph import Graph, Op
 from ir.propagate import Propagation
 from ir.sharding import MeshShape
+from ir.spans import entries_getter
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -149,7 +150,7 @@ class TimelineCache:
         # graph id -> (aliases, buffers of arguments and results, {buffer of a result: None})
         self.pinned: dict[int, tuple] = {}
 
-    def value_sizes(self, g: Graph, mesh: MeshShape) -> list:
+    def value_sizes(self, g: Graph, mesh: MeshShape) -> tuple:
         """Per value id of `g`, {sharding: bytes of its local shard} on `mesh` (see `op_walk.Walk.size`):
         one table per shape and item size, made when the graph is first seen rather than as each
         value is first sized (the unrolled Llama-8B: 18,794 values of 50 shapes)."""
@@ -162,16 +163,16 @@ class TimelineCache:
                 if known is None:
                     known = self.shape_sizes[(shape, itemsize, mesh)] = {}
                 tables.append(known)
-            hit = self.sizes[(id(g), mesh)] = (g, [tables[c] for c in of_value])
+            hit = self.sizes[(id(g), mesh)] = (g, of_value(tables))
         return hit[1]
 
 
-def _shape_classes(g: Graph) -> tuple[list[int], list[tuple[tuple[int, ...], int]]]:
-    """(per value id its class, per class (shape, item size)): values of one class have local
-    shards of one size under one layout."""
+def _shape_classes(g: Graph) -> tuple[Callable[[list], tuple], list[tuple[tuple[int, ...], int]]]:
+    """(a function from a list per class to the tuple of its entries per value id, per class
+    (shape, item size)): values of one class have local shards of one size under one layout."""
     classes: dict[tuple, int] = {}
-    of_value = [classes.setdefault((v.shape, v.itemsize), len(classes)) for v in g.values]
-    return of_value, list(classes)
+    of_value = tuple([classes.setdefault((v.shape, v.itemsize), len(classes)) for v in g.values])
+    return entries_getter(of_value), list(classes)
 
 
 def _order(g: Graph) -> tuple[list[Op], list[Op]]:
