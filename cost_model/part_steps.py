@@ -72,7 +72,7 @@ def part_hits(w: Walk, parts: tuple[Part, ...]) -> list[tuple]:
         if not own:
             hit = others.get((id(part), id(fused)))
         if hit is None or hit[0] is not part or hit[1] is not fused:
-            resolvable = tuple(n for n in part.rewritten if n in live)
+            resolvable = tuple([n for n in part.rewritten if n in live]) if part.rewritten else ()
             if eager:
                 made = part_steps(w, part)
                 hit = (
