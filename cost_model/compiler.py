@@ -330,7 +330,7 @@ def _program_order(g: Graph, order: list[Op], groups: list[list[Resolution]]) ->
     producer = g.producer
     consumers = g.consumers
     # Priorities: the op at position q: 2q * m + last; group k, ranked r (2 * its last producer's
-    # position + 1): r * m + last - k (so a tie in rank goes to the greater k, the smaller id).
+    # position + 1): r * m + last - 1 - k (a tie in rank goes to the greater k, the smaller id).
     last = len(groups)
     m = last + 1
     prio: dict[int, int] = {}  # of the groups
