@@ -309,6 +309,23 @@ def _resharded(w: Walk, a: _Arrays, memo: dict) -> tuple[_Reads, int]:
     return _Reads.of([chunk]), len(layouts)
 
 
+def _sizes(w: Walk, vids: list[int], layouts: list[Sharding]) -> list[int]:
+    """Bytes of each value's local shard in its layout, as `Walk.size` keeps them, looked up at C
+    speed; those not kept yet worked out first."""
+    tables = list(map(w.sizes.__getitem__, vids))
+    if None in tables:  # (no cache: a table per value, made as it is first sized)
+        return list(map(w.size, vids, layouts))
+    sizes = list(map(dict.get, tables, layouts))
+    if None in sizes:
+        # Values of one shape share a table: each (shape, layout) missing is worked out once
+        # (for the first value of it), then every size read again.
+        first = {(id(t), s): v for t, s, v, b in zip(tables, layouts, vids, sizes, strict=True) if b is None}
+        for (_, s), v in first.items():
+            w.size(v, s)
+        sizes = list(map(dict.get, tables, layouts))
+    return sizes
+
+
 def walk_peak(
     w: Walk,
     order: list[Op],
@@ -466,15 +483,7 @@ def walk_peak(
         produced = list(map(_PRODUCED, members))
         bare = {s: Sharding(s.dims) for s in set(produced)}
         made_as = list(map(bare.__getitem__, produced))
-        tables = list(map(w.sizes.__getitem__, summed))
-        if None in tables:  # (no cache: a table per value, made as it is first sized)
-            nbytes = list(map(w.size, summed, made_as))
-        else:
-            nbytes = list(map(dict.get, tables, made_as))
-            if None in nbytes:
-                nbytes = [
-                    w.size(v, s) if b is None else b for v, s, b in zip(summed, made_as, nbytes, strict=True)
-                ]
+        nbytes = _sizes(w, summed, made_as)
         counts = np.fromiter(map(len, groups), np.int64, len(groups))
         at = np.repeat(at_of, counts)
         sums = np.array(nbytes, dtype=np.int64)
@@ -520,22 +529,7 @@ def walk_peak(
         np.add.at(delta, at_steps, added)
     vids = np.flatnonzero((written >= 0) & own & (last_read >= 0))
     listed = vids.tolist()
-    # Sizes as `Walk.size` keeps them, looked up at C speed; those not kept yet worked out.
-    layouts = list(map(shardings.__getitem__, listed))
-    tables = list(map(w.sizes.__getitem__, listed))
-    if None in tables:  # (no cache: a table per value, made as it is first sized)
-        sizes = list(map(w.size, listed, layouts))
-    else:
-        sizes = list(map(dict.get, tables, layouts))
-        if None in sizes:
-            # Values of one shape share a table: each (shape, layout) missing is worked out once
-            # (for the first value of it), then every size read again.
-            first = {
-                (id(t), s): v for t, s, v, b in zip(tables, layouts, listed, sizes, strict=True) if b is None
-            }
-            for (_, s), v in first.items():
-                w.size(v, s)
-            sizes = list(map(dict.get, tables, layouts))
+    sizes = _sizes(w, listed, list(map(shardings.__getitem__, listed)))
     ends = last_read[vids]
     for v in sliced:  # a generated value made at the size its readers read, unless one reads it whole
         i = int(np.searchsorted(vids, v))
