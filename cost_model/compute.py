@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 
 from ir.graph import Graph, Op
 from ir.propagate import Propagation
@@ -175,6 +176,97 @@ def op_cost(
     return OpCost(op.id, op.primitive, flops, trans, traffic)
 
 
+class CostShapes:
+    """`op_cost` for the ops of one graph and fused set, with what it reads of each op that no
+    plan changes (factor sizes, which factors each counted tensor spans, the FLOP formula) worked
+    out once per op, the first time it is costed: a searcher costs each op kind again under
+    every new decision."""
+
+    def __init__(self, g: Graph, fused: frozenset[int]):
+        self.g = g
+        self.fused = fused
+        self._shapes: dict[int, tuple] = {}
+        self._divisors: dict[MeshShape, _Divisors] = {}
+
+    def cost(self, op: Op, factors: tuple[tuple[str, ...], ...], mesh: MeshShape) -> OpCost:
+        """`op_cost(g, op, factors, mesh, fused)`, to the last bit."""
+        shape = self._shapes.get(op.id)
+        if shape is None:
+            shape = self._shapes[op.id] = self._shape(op)
+        divisors = self._divisors.get(mesh)
+        if divisors is None:
+            divisors = self._divisors[mesh] = _Divisors(mesh)
+        sizes, how, a, b, k, terms = shape
+        local = list(map(operator.floordiv, sizes, map(divisors.__getitem__, factors)))
+        get = local.__getitem__
+        trans = 0.0
+        if how == _DOT:
+            flops = 2.0 * math.prod(local)
+        elif how == _COUNT:
+            flops = float(math.prod(map(get, a)))
+        elif how == _POW:
+            flops = float(math.prod(map(get, a))) * k
+        elif how == _REDUCE:
+            flops = float(math.prod(map(get, a)) - math.prod(map(get, b)))
+        elif how == _TRANSCENDENTAL:
+            flops, trans = 0.0, float(math.prod(map(get, a)))
+        elif how == _OTHER:
+            flops, trans = op_flops(op, tuple(local))
+        else:
+            flops = 0.0
+        traffic = 0.0
+        for dims, itemsize in terms:
+            traffic += math.prod(map(get, dims)) * itemsize
+        return OpCost(op.id, op.primitive, flops, trans, traffic)
+
+    def _shape(self, op: Op) -> tuple:
+        """(factor sizes, FLOP formula, its factors a and b, its multiplier, the (factors, itemsize)
+        of each operand and result counted in the traffic, in op_cost's order)."""
+        rule, prim, g = op.rule, op.primitive, self.g
+
+        def flat(dims) -> tuple[int, ...]:
+            return tuple(f for fs in dims for f in fs)
+
+        how, a, b, k = _NONE, (), (), 1
+        if prim == "dot_general":
+            how = _DOT
+        elif prim == "conv_general_dilated":
+            how = _OTHER
+        elif prim in REDUCTIONS:
+            how, a, b = _REDUCE, flat(rule.operands[0]), flat(rule.results[0])
+        elif prim == "integer_pow":
+            how, a, k = _POW, flat(rule.results[0]), _pow_multiplies(op.params["y"])
+        elif prim == "select_n" or prim in ELEMENTWISE:
+            if prim not in NO_FLOPS:
+                how, a = (_TRANSCENDENTAL if prim in TRANSCENDENTAL else _COUNT), flat(rule.results[0])
+        elif prim in CUMULATIVE:
+            how, a = _COUNT, flat(rule.results[0])
+        terms = tuple(
+            (flat(dims), g.values[vid].itemsize)
+            for vids, tensors in ((op.inputs, rule.operands), (op.outputs, rule.results))
+            for vid, dims in zip(vids, tensors, strict=True)
+            if vid not in self.fused
+        )
+        return tuple(rule.sizes), how, a, b, k, terms
+
+
+# CostShapes' FLOP formulas: none; 2 x every factor; the elements of a; a times k; a's elements
+# less b's; a's elements as transcendentals; op_flops itself.
+_NONE, _DOT, _COUNT, _POW, _REDUCE, _TRANSCENDENTAL, _OTHER = range(7)
+
+
+class _Divisors(dict):
+    """Mesh axes -> the devices they span (1 for none), worked out when first asked for."""
+
+    def __init__(self, mesh: MeshShape):
+        super().__init__()
+        self.mesh = mesh
+
+    def __missing__(self, axes: tuple[str, ...]) -> int:
+        n = self[axes] = self.mesh.axes_size(axes) if axes else 1
+        return n
+
+
 def fused_values(g: Graph) -> frozenset[int]:
     """Values that live inside a fusion: made by a fusible op and read only by fusible ops or by
     reductions (XLA fuses elementwise producers into a reduce's input)."""
@@ -208,6 +300,7 @@ def roofline_time(flops: float, traffic: float, peak_flops: float, bandwidth: fl
 
 
 __all__ = [
+    "CostShapes",
     "OpCost",
     "cumulative_flops",
     "local_sizes",

@@ -274,40 +274,8 @@ def _buffers(
         maybe = order
     else:
         maybe = [g.ops[n] for hit in steps for n in hit[3]]
+    _resolve(prop, maybe, compiler, cache, resolutions)
     shardings = prop.shardings
-    gid = id(g)
-    kinds = g.op_kinds
-    for op in maybe:
-        decided = prop.ops[op.id]
-        if decided is None or op.rule is None:
-            continue  # a loop or branch writes its results as its body leaves them
-        if cache is None:
-            found = resolutions_of(prop, op, compiler)
-        else:
-            # Decisions are shared objects (a PropagationCache hands the same one out again):
-            # keyed by identity, kept alive by the entry.
-            outs = op.outputs
-            key = (
-                gid,
-                op.id,
-                id(decided),
-                shardings[outs[0]] if len(outs) == 1 else tuple(shardings[v] for v in outs),
-            )
-            hit = cache.resolutions.get(key)
-            if hit is None or hit[0] is not decided:
-                # An op of the same kind decided alike (an unrolled model's layers) resolves
-                # alike: its resolutions, renamed value for value.
-                alike = (gid, kinds[op.id], *key[2:])
-                like = cache.resolutions_alike.get(alike)
-                if like is not None and like[0] is decided:
-                    found = renamed_resolutions(like[2], g.ops[like[1]], op)
-                else:
-                    found = resolutions_of(prop, op, compiler, cache.resolution_colls)
-                    cache.resolutions_alike[alike] = (decided, op.id, found)
-                hit = cache.resolutions[key] = (decided, found)
-            found = hit[1]
-        for r in found:
-            resolutions[r.value] = r
     if cache is None:
         groups, resolving, nodes = _scheduled(g, order, resolutions, compiler, None)
     else:
@@ -380,6 +348,51 @@ def _buffers(
     for (vid, dims), (b, first, last) in w.copies.items():
         out.append((COPY, vid, b, first, last, dims))
     return out, step
+
+
+def _resolve(
+    prop: Propagation,
+    maybe: Sequence[Op],
+    compiler: Compiler,
+    cache: TimelineCache | None,
+    resolutions: dict[int, Resolution],
+) -> None:
+    """Adds to `resolutions` those of the ops `maybe` (value -> Resolution)."""
+    g = prop.graph
+    shardings = prop.shardings
+    gid = id(g)
+    kinds = g.op_kinds
+    for op in maybe:
+        decided = prop.ops[op.id]
+        if decided is None or op.rule is None:
+            continue  # a loop or branch writes its results as its body leaves them
+        if cache is None:
+            found = resolutions_of(prop, op, compiler)
+        else:
+            # Decisions are shared objects (a PropagationCache hands the same one out again):
+            # keyed by identity, kept alive by the entry.
+            outs = op.outputs
+            key = (
+                gid,
+                op.id,
+                id(decided),
+                shardings[outs[0]] if len(outs) == 1 else tuple(shardings[v] for v in outs),
+            )
+            hit = cache.resolutions.get(key)
+            if hit is None or hit[0] is not decided:
+                # An op of the same kind decided alike (an unrolled model's layers) resolves
+                # alike: its resolutions, renamed value for value.
+                alike = (gid, kinds[op.id], *key[2:])
+                like = cache.resolutions_alike.get(alike)
+                if like is not None and like[0] is decided:
+                    found = renamed_resolutions(like[2], g.ops[like[1]], op)
+                else:
+                    found = resolutions_of(prop, op, compiler, cache.resolution_colls)
+                    cache.resolutions_alike[alike] = (decided, op.id, found)
+                hit = cache.resolutions[key] = (decided, found)
+            found = hit[1]
+        for r in found:
+            resolutions[r.value] = r
 
 
 def _scheduled(

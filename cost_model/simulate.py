@@ -20,7 +20,7 @@ import operator
 from collections.abc import Mapping
 
 from cost_model.collectives import collective_time
-from cost_model.compute import OpCost, fused_values, op_cost, roofline_time
+from cost_model.compute import CostShapes, OpCost, fused_values, roofline_time
 from cost_model.hardware import DeviceSpec, Hardware, HardwareError
 from cost_model.memory import MemoryReport, TimelineCache, compiler_for, memory, memory_peak
 from cost_model.meshes import MeshTopology, topology
@@ -219,7 +219,8 @@ class Simulator:
         key = (g, kinds[op.id], factors)  # the key keeps the graph alive
         hit = self._op_seconds.get(key)
         if hit is None:
-            cost = op_cost(g, op, factors, self.topo.mesh, fused)
+            shapes = g.derived("simulate.cost_shapes", lambda g: CostShapes(g, fused))
+            cost = shapes.cost(op, factors, self.topo.mesh)
             dev = self.hw.device
             peak = device_rate(dev, g, op, cost.primitive) if cost.flops else 1.0
             t = roofline_time(cost.flops, cost.bytes, peak, dev.memory_bandwidth)

@@ -208,3 +208,45 @@ def test_loop_body_counted_once_like_xla():
     assert once == pytest.approx(verify(w, prop, Mode.CONSTRAINED, execute=False).flops, rel=0.005)
     per_step = sum(r.flops * r.count for r in op_costs(prop))
     assert per_step == pytest.approx(5 * once, rel=0.01)
+
+
+@pytest.mark.parametrize(
+    "source,primitives",
+    [
+        ("builtin:gpt:tiny", {"integer_pow", "tanh", "reduce_max", "exp", "name"}),
+        ("builtin:moe:tiny", {"cumsum", "logistic"}),
+        ("builtin:vit:tiny", {"add_any"}),
+        ("builtin:bert:tiny", {"rsqrt"}),
+    ],
+)
+def test_cost_shapes_cost_every_op_as_op_cost(source, primitives):
+    # The simulator costs ops through CostShapes (what a plan cannot change, worked out once per
+    # op): every op of random plans, loop bodies included, must cost as op_cost to the bit.
+    import random
+
+    from cost_model.compute import CostShapes, fused_values, op_cost
+    from search.space import build_space
+
+    g = trace(resolve(source))
+    mesh = MeshShape(("data", "model", "pipe"), (2, 2, 2))
+    space = build_space(g, mesh)
+    valid = list(space.enumerate())
+    shapes: dict[int, CostShapes] = {}
+    checked = set()
+    for a in random.Random(0).sample(valid, min(8, len(valid))):
+        stack = [propagate(g, mesh, space.shardings(a))]
+        while stack:
+            prop = stack.pop()
+            sub = prop.graph
+            fused = fused_values(sub)
+            costs = shapes.setdefault(id(sub), CostShapes(sub, fused))
+            for op in sub.ops:
+                decided = prop.ops[op.id]
+                if decided is not None and op.rule is not None:
+                    assert costs.cost(op, decided.factors, mesh) == op_cost(
+                        sub, op, decided.factors, mesh, fused
+                    )
+                    checked.add(op.primitive)
+            for bodies in prop.bodies.values():
+                stack.extend(bodies)
+    assert {"dot_general", "reduce_sum", "add", *primitives} <= checked
