@@ -29,6 +29,7 @@ at every step.
 
 from __future__ import annotations
 
+import itertools
 import operator
 from typing import TYPE_CHECKING
 
@@ -319,7 +320,10 @@ def _sizes(w: Walk, vids: list[int], layouts: list[Sharding]) -> list[int]:
     if None in sizes:
         # Values of one shape share a table: each (shape, layout) missing is worked out once
         # (for the first value of it), then every size read again.
-        first = {(id(t), s): v for t, s, v, b in zip(tables, layouts, vids, sizes, strict=True) if b is None}
+        missing = itertools.compress(
+            zip(tables, layouts, vids, strict=True), map(operator.is_, sizes, itertools.repeat(None))
+        )
+        first = {(id(t), s): v for t, s, v in missing}
         for (_, s), v in first.items():
             w.size(v, s)
         sizes = list(map(dict.get, tables, layouts))

@@ -441,16 +441,28 @@ def renaming(part: Part, graph: Graph) -> tuple:
     """What `renamed` needs of `part` beyond the part, worked out once for every span it is
     renamed for: per value it names (sum groups, reads, collectives), that value's position in
     its span's `reads + defs` (a def where a value is both, as in propagation)."""
-    was = part.span
-    at = {v: k for k, v in enumerate(was.reads + was.defs)}
-    values = graph.values
-    by_name = {values[v].name: k for v, k in at.items()}  # names are unique in a classed span
+    at, by_name = _positions(part.span, graph)
     return (
         tuple([at[v] for v, _ in part.sum_groups]),
         tuple([by_name[c.value] for c in part.collectives]),
         tuple([at[v] for _, _, v, _, _ in part.outside]),
         tuple([at[v] for v, _ in part.inside_reads]),
     )
+
+
+def _positions(span: Span, graph: Graph) -> tuple[dict[int, int], dict[str, int]]:
+    """Per value of the span's `reads + defs`, its position there (a def where a value is both),
+    by id and by name: a function of the graph, kept with it."""
+    table = graph.derived("spans.positions", lambda g: {})
+    hit = table.get(span.index)
+    if hit is None:
+        at = {v: k for k, v in enumerate(span.reads + span.defs)}
+        values = graph.values
+        hit = table[span.index] = (
+            at,
+            {values[v].name: k for v, k in at.items()},
+        )  # (names are unique in a classed span)
+    return hit
 
 
 def renamed(part: Part, span: Span, graph: Graph, names: tuple) -> Part:
