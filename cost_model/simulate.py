@@ -161,7 +161,8 @@ class Simulator:
         self._op_seconds: dict[tuple[Graph, int, tuple], tuple[OpCost, float, int]] = {}
         self._op_decided: dict[int, tuple] = {}  # id(OpSharding) -> (it, graph, kind, _op's)
         self._bodies: dict[int, tuple[Propagation, _Compute]] = {}
-        self._parts: dict[int, tuple[Part, tuple]] = {}
+        # id(Part), or (id(Part), class of cost) for parts renamed from it -> (it, costs)
+        self._parts: dict[int | tuple[int, int], tuple[Part, tuple]] = {}
         # A collective -> ((it, seconds, phase),)
         self._coll: dict[Collective, tuple[tuple[Collective, float, str]]] = {}
         self._coll_time: dict[tuple, float] = {}
@@ -249,13 +250,19 @@ class Simulator:
                     if hit is not None and hit[0] is part:
                         continue
                     # A part renamed from another span's costs what that one does where their
-                    # ops cost alike and are alike live (the layers of an unrolled model).
+                    # ops cost alike and are alike live (the layers of an unrolled model); else
+                    # what the first part renamed from the same span into its class of cost does
+                    # (the layers after the first, whose first span reads another layer's values).
                     src = part.origin
-                    if src is None or alike[src.span.index] != alike[part.span.index]:
-                        src = part
-                    hit = parts.get(id(src))
+                    if src is None:
+                        src, key = part, id(part)
+                    elif alike[src.span.index] == alike[part.span.index]:
+                        key = id(src)
+                    else:
+                        key = (id(src), alike[part.span.index])
+                    hit = parts.get(key)
                     if hit is None or hit[0] is not src:
-                        hit = parts[id(src)] = (
+                        hit = parts[key] = (
                             src,
                             self._span(prop, part.span.start, part.span.stop, 1, None, part),
                         )
