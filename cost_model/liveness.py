@@ -67,7 +67,7 @@ from cost_model.op_walk import (
     Walk,
     walk_parts,
 )
-from cost_model.part_steps import moves, part_hits
+from cost_model.part_steps import mostly_new, moves, part_hits
 from cost_model.walk_arrays import walk_peak
 from ir.graph import Graph, Op
 from ir.propagate import Propagation
@@ -267,7 +267,8 @@ def _buffers(
             hit[2], hit[3] = alias, none_own
     # Per op of a cached propagation: what it does to the timeline, worked out once per (Part,
     # fusion) (see `_steps`); None where the op is walked in full.
-    steps = part_hits(w, prop.parts) if cache is not None and prop.parts else None
+    big = len(g.live_ops) >= walk_arrays.MIN_OPS
+    steps = part_hits(w, prop.parts, big) if cache is not None and prop.parts else None
 
     resolutions = w.resolutions
     if steps is None:
@@ -289,9 +290,8 @@ def _buffers(
         _, groups, resolving, nodes = hit
     w.resolving = resolving
     w.sliced = _loop_slices(prop, scans, cache)
-    big = len(g.live_ops) >= walk_arrays.MIN_OPS
-    if peak_only and big and (steps is None or all(hit[4] is None for hit in steps)):
-        # Nothing worked out per part, and a graph big enough: the whole walk over arrays.
+    if peak_only and big and (steps is None or mostly_new(steps, len(g.ops))):
+        # Little worked out per part, and a graph big enough: the whole walk over arrays.
         found = walk_peak(w, order, nodes, groups, none_own, cache.resharded if cache is not None else {})
         if found is not None:
             return found
