@@ -18,9 +18,10 @@ from collections.abc import Mapping
 
 from cost_model.compiler import XLA_CPU, XLA_GPU, Compiler, compiler_for, local_bytes
 from cost_model.liveness import Buffer, TimelineCache, peak, temp_peak, timeline
-from cost_model.op_walk import shard_bytes
+from cost_model.op_walk import shard_bytes, table_sizes
 from ir.graph import Graph, Role
 from ir.propagate import Propagation
+from ir.sharding import Sharding
 from ir.spans import entries_getter
 
 _INPUT_KINDS = {Role.PARAM: "params", Role.OPT_STATE: "optimizer_state", Role.BATCH: "batch"}
@@ -106,25 +107,13 @@ def _fixed_bytes(
     sizes = cache.value_sizes(g, prop.mesh)
     layouts, tables = inputs(prop.shardings), inputs(sizes)
     out_tables = outputs(sizes)
-    ins = list(map(dict.get, tables, layouts))
-    outs = list(map(dict.get, out_tables, prop.outputs))
-    if None in ins or None in outs:
-        # Values of one shape and item size share a table: each (table, layout) missing is
-        # worked out once, then all are looked up again.
-        missing = {
-            (id(t), s): vid for vid, t, s, b in zip(g.inputs, tables, layouts, ins, strict=True) if b is None
-        }
-        missing.update(
-            {
-                (id(t), s): vid
-                for vid, t, s, b in zip(g.outputs, out_tables, prop.outputs, outs, strict=True)
-                if b is None
-            }
-        )
-        for (_, s), vid in missing.items():
-            shard_bytes(sizes, prop, vid, s, cache)
-        ins = list(map(dict.get, tables, layouts))
-        outs = list(map(dict.get, out_tables, prop.outputs))
+
+    # (values of one shape and item size share a table: each layout missing is worked out once)
+    def make(vid: int, s: Sharding) -> int:
+        return shard_bytes(sizes, prop, vid, s, cache)
+
+    ins = table_sizes(tables, layouts, g.inputs, make)
+    outs = table_sizes(out_tables, prop.outputs, g.outputs, make)
     pointers = compiler.pointer_bytes * len(outs) if len(outs) > 1 else 0
     return sum(ins) + sum(outs) + pointers - sum([outs[k] for k, j in pairs if outs[k] == ins[j]])
 

@@ -54,6 +54,23 @@ def shard_bytes(sizes: list, prop: Propagation, vid: int, s: Sharding, cache: Ti
     return b
 
 
+def table_sizes(
+    tables: list, layouts: list, vids: list[int], make: Callable[[int, Sharding], int]
+) -> list[int]:
+    """Per value, its bytes in its layout as its table (`shard_bytes`' per-shape tables) holds
+    them, looked up at C speed; each (table, layout) missing is worked out once first, by
+    `make(value, layout)` for the first value of it."""
+    sizes = list(map(dict.get, tables, layouts))
+    if None in sizes:
+        missing = itertools.compress(
+            zip(tables, layouts, vids, strict=True), map(operator.is_, sizes, itertools.repeat(None))
+        )
+        for (_, s), v in {(id(t), s): v for t, s, v in missing}.items():
+            make(v, s)
+        sizes = list(map(dict.get, tables, layouts))
+    return sizes
+
+
 class Walk:
     """The state of one walk of the schedule (see `liveness._buffers`): what each step writes and
     reads. `body_peak`: a loop or branch body's own peak (`liveness.temp_peak`, kept in `cache`)."""

@@ -29,7 +29,6 @@ at every step.
 
 from __future__ import annotations
 
-import itertools
 import operator
 from typing import TYPE_CHECKING
 
@@ -37,6 +36,7 @@ import numpy as np
 
 from cost_model.compiler import Resolution, donated_copies
 from cost_model.fusion import every_alias, generated
+from cost_model.op_walk import table_sizes
 from cost_model.part_steps import moves
 from ir.comm import CollectiveKind
 from ir.graph import Graph, Op
@@ -316,18 +316,7 @@ def _sizes(w: Walk, vids: list[int], layouts: list[Sharding]) -> list[int]:
     tables = list(map(w.sizes.__getitem__, vids))
     if None in tables:  # (no cache: a table per value, made as it is first sized)
         return list(map(w.size, vids, layouts))
-    sizes = list(map(dict.get, tables, layouts))
-    if None in sizes:
-        # Values of one shape share a table: each (shape, layout) missing is worked out once
-        # (for the first value of it), then every size read again.
-        missing = itertools.compress(
-            zip(tables, layouts, vids, strict=True), map(operator.is_, sizes, itertools.repeat(None))
-        )
-        first = {(id(t), s): v for t, s, v in missing}
-        for (_, s), v in first.items():
-            w.size(v, s)
-        sizes = list(map(dict.get, tables, layouts))
-    return sizes
+    return table_sizes(tables, layouts, vids, w.size)
 
 
 def walk_peak(
